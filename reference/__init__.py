@@ -1,0 +1,1 @@
+"""memarch reference implementations: literal, slow, one equation per line; the executable spec."""

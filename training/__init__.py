@@ -1,0 +1,1 @@
+"""Shared non-model code: tasks, config schema, registry, training loop, schedules, metrics, checkpoints."""

@@ -1,0 +1,93 @@
+"""Benchmark registry for `scripts/bench.py`.
+
+Each module in this package registers one or more ops with `@register("name")`; a benchmark is a function
+`(BenchArgs) -> list[BenchRow]`. Modules are discovered automatically, so adding a benchmark never edits a
+shared file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["BenchArgs", "BenchRow", "discover", "format_table", "register", "time_fn"]
+
+
+@dataclass(frozen=True)
+class BenchArgs:
+    device: torch.device
+    quick: bool = False
+    repeat: int = 10
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BenchRow:
+    op: str
+    impl: str  # "reference", "optimized", or "peer:<name>"
+    params: str  # the sizes, e.g. "B=4 L=1024 D=64 w=128"
+    ms: float
+    dispatch: str = ""  # which code path ran (e.g. "sdpa-blocked", "triton", "mamba_ssm.cuda")
+    throughput: str = ""  # e.g. "512 GB/s" or "1.2e6 tok/s"
+    floor_fraction: float | None = None  # fraction of the hardware floor, where one is defined
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+Bench = Callable[[BenchArgs], list[BenchRow]]
+_REGISTRY: dict[str, Bench] = {}
+
+
+def register(name: str) -> Callable[[Bench], Bench]:
+    def deco(fn: Bench) -> Bench:
+        if name in _REGISTRY:
+            raise ValueError(f"benchmark {name!r} registered twice")
+        _REGISTRY[name] = fn
+        return fn
+    return deco
+
+
+def discover() -> dict[str, Bench]:
+    """Import every module of this package and return the registry."""
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+    return dict(sorted(_REGISTRY.items()))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, repeat: int = 10) -> float:
+    """Median wall time of `fn()` in milliseconds (CUDA-synchronised on GPU)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(max(1, repeat)):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    headers = ["op", "impl", "params", "ms", "dispatch", "throughput", "floor", "note"]
+    cells = [[r.op, r.impl, r.params, f"{r.ms:.3f}", r.dispatch, r.throughput,
+              "" if r.floor_fraction is None else f"{r.floor_fraction:.2f}", r.note] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in cells]
+    return "\n".join([line, sep, *body])
