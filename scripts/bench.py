@@ -15,10 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from training.benchmarks import BenchArgs, discover, format_table  # noqa: E402
-from training.device import resolve_device  # noqa: E402
+from training.benchmarks import BenchArgs, discover, format_table
+from training.device import resolve_device
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,238 @@
+"""The training loop shared by every model and both implementations.
+
+Data batches are pure functions of (split, step, seed), schedules pure functions of the step, and every
+RNG state is checkpointed, so `--resume` continues bit-identically on CPU. See specs/training.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from reference.validation import ConfigError, MemarchError
+from training.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from training.config import ExperimentConfig
+from training.registry import Task, build_model, get_task_spec, model_name_of, task_name_of
+from training.schedules import lr_factor
+from training.tasks.needle import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+METRICS_NAME = "metrics.jsonl"
+SUMMARY_NAME = "summary.json"
+
+
+class TrainingError(MemarchError, RuntimeError):
+    """Training cannot go on (e.g. too many consecutive non-finite steps)."""
+
+
+def split_output(out: Any) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+    """A model returns logits (B, L, V), or a mapping with `logits`, optional `aux_loss` and `metrics`."""
+    if isinstance(out, torch.Tensor):
+        return out, None, {}
+    if isinstance(out, Mapping) and isinstance(out.get("logits"), torch.Tensor):
+        aux = out.get("aux_loss")
+        metrics = {k: float(v) for k, v in dict(out.get("metrics") or {}).items()}
+        return out["logits"], aux if isinstance(aux, torch.Tensor) else None, metrics
+    raise TypeError(f"model output must be a logits tensor or a mapping with 'logits', got {type(out).__name__}")
+
+
+def loss_and_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy and accuracy over positions whose target is not IGNORE_INDEX."""
+    V = logits.shape[-1]
+    flat_logits = logits.reshape(-1, V).float()
+    flat_targets = targets.reshape(-1)
+    loss = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE_INDEX)
+    mask = flat_targets != IGNORE_INDEX
+    correct = (flat_logits.argmax(dim=-1) == flat_targets) & mask
+    accuracy = correct.sum().float() / mask.sum().clamp_min(1).float()
+    return loss, accuracy
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task: Task, exp: ExperimentConfig, device: torch.device,
+             split: str = "val") -> dict[str, float]:
+    """Mean loss and accuracy over `train.eval_batches` fixed batches of `split`."""
+    was_training = model.training
+    model.eval()
+    bs = exp.train.eval_batch_size or exp.train.batch_size
+    losses, accs = [], []
+    for i in range(exp.train.eval_batches):
+        x, y = task.batch(split, i, bs, exp.train.seed)
+        logits, _, _ = split_output(model(x.to(device)))
+        loss, acc = loss_and_accuracy(logits, y.to(device))
+        losses.append(float(loss))
+        accs.append(float(acc))
+    model.train(was_training)
+    return {f"{split}_loss": sum(losses) / len(losses), f"{split}_accuracy": sum(accs) / len(accs)}
+
+
+class _StopFlag:
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.signal = signum
+
+
+@contextmanager
+def _catch_signals(flag: _StopFlag) -> Iterator[None]:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step and exits cleanly."""
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, flag)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep only metric records up to `step` (a resumed run rewrites what came after its checkpoint)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def train(exp: ExperimentConfig, *, impl: str, device: torch.device, out_dir: str | Path,
+          max_steps: int | None = None, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train `exp` and return the summary (also written to `out_dir/summary.json`).
+
+    `max_steps` stops early (at that global step) without changing the schedule; `resume` continues from
+    `out_dir/checkpoint.pt`.
+    """
+    if max_steps is not None and max_steps < 0:
+        raise ConfigError(f"--max-steps must be >= 0, got {max_steps}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, metrics_path = out / CHECKPOINT_NAME, out / METRICS_NAME
+    tc = exp.train
+    torch.manual_seed(tc.seed)
+    task = get_task_spec(task_name_of(exp.task)).build(exp.task)
+    model = build_model(exp.model, impl).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+
+    def factor(step: int) -> float:
+        return lr_factor(step, total=tc.steps, warmup=tc.warmup_steps, kind=tc.schedule, min_ratio=tc.min_lr_ratio)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    config_dict = exp.as_dict()
+    start, skipped, elapsed_before = 0, 0, 0.0
+    if resume:
+        state = load_checkpoint(ckpt_path)
+        if state.get("config") != config_dict:
+            raise ConfigError(f"--resume: the config differs from the one {ckpt_path} was trained with; "
+                              f"resume with the same config (saved: {state.get('config')})")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start, skipped = int(state["step"]), int(state["skipped_steps"])
+        elapsed_before = float(state.get("wall_time_s", 0.0))
+        _truncate_metrics(metrics_path, start)
+        log.info("resumed from %s at step %d", ckpt_path, start)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+    stop_at = tc.steps if max_steps is None else min(tc.steps, max_steps)
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": rng_state(), "step": step, "skipped_steps": skipped, "config": config_dict,
+            "impl": impl, "wall_time_s": elapsed_before + time.perf_counter() - t0,
+        })
+
+    flag = _StopFlag()
+    t0 = time.perf_counter()
+    model.train()
+    step, consecutive_bad = start, 0
+    first_loss: float | None = None
+    last: dict[str, float] = {}
+    evals: dict[str, float] = {}
+    status = "completed"
+    bar = tqdm(total=stop_at, initial=start, disable=not progress, desc=f"{model_name_of(exp.model)}[{impl}]",
+               dynamic_ncols=True)
+    with _catch_signals(flag), metrics_path.open("a") as metrics_file:
+        while step < stop_at:
+            x, y = task.batch("train", step, tc.batch_size, tc.seed)
+            logits, aux, extra = split_output(model(x.to(device)))
+            loss, acc = loss_and_accuracy(logits, y.to(device))
+            total = loss + aux if aux is not None else loss
+            optimizer.zero_grad(set_to_none=True)
+            bad = not math.isfinite(float(total.detach()))
+            grad_norm = float("nan")
+            if not bad:
+                total.backward()
+                max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+                bad = not math.isfinite(grad_norm)
+            if bad:
+                skipped += 1
+                consecutive_bad += 1
+                optimizer.zero_grad(set_to_none=True)
+                log.warning("step %d: non-finite loss or gradient; step skipped (%d in a row)",
+                            step, consecutive_bad)
+                if consecutive_bad >= tc.max_bad_steps:
+                    bar.close()
+                    raise TrainingError(
+                        f"{consecutive_bad} consecutive steps had a non-finite loss or gradient (step {step}); "
+                        f"stopping. The last good checkpoint is {ckpt_path}. Lower train.lr or train.grad_clip.")
+            else:
+                consecutive_bad = 0
+                optimizer.step()
+            scheduler.step()
+            step += 1
+            last = {"loss": float(total.detach()), "task_loss": float(loss.detach()), "accuracy": float(acc),
+                    "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"], **extra}
+            if first_loss is None:
+                first_loss = last["loss"]
+            record: dict[str, Any] = {"step": step, **last, "skipped": bad}
+            if step % tc.eval_every == 0 or step == stop_at:
+                evals = evaluate(model, task, exp, device)
+                record.update(evals)
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            bar.update(1)
+            postfix = {"loss": f"{last['loss']:.4f}", "acc": f"{last['accuracy']:.3f}"}
+            if evals:
+                postfix["val_acc"] = f"{evals['val_accuracy']:.3f}"
+            bar.set_postfix(postfix)
+            if step % tc.checkpoint_every == 0 or step == stop_at:
+                checkpoint(step)
+            if flag.signal is not None:
+                checkpoint(step)
+                status = f"interrupted ({signal.Signals(flag.signal).name})"
+                break
+    bar.close()
+    if status == "completed" and stop_at < tc.steps:
+        status = "stopped at --max-steps"
+    if start == stop_at and not evals:
+        evals = evaluate(model, task, exp, device)
+    wall = elapsed_before + time.perf_counter() - t0
+    summary: dict[str, Any] = {
+        "status": status, "steps": step, "planned_steps": tc.steps, "impl": impl, "device": str(device),
+        "model": model_name_of(exp.model), "task": task_name_of(exp.task),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "first_loss": first_loss, "final_loss": last.get("loss"), "final_train_accuracy": last.get("accuracy"),
+        **evals, "skipped_steps": skipped, "wall_time_s": wall, "config": config_dict, "source": exp.source,
+    }
+    (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
+    return summary

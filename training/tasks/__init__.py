@@ -1,0 +1,1 @@
+"""Synthetic tasks, generated in-process from a seed (no files, no network)."""
