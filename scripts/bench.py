@@ -2,6 +2,7 @@
 
     python scripts/bench.py --op swa            # one op
     python scripts/bench.py --op all --json out.json
+    python scripts/bench.py --model gru         # training-step throughput of a registered model (or `all`)
     python scripts/bench.py --list
 """
 
@@ -18,13 +19,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from training.benchmarks import BenchArgs, discover, format_table
+from training.benchmarks.models import bench_models, registered_models
 from training.device import resolve_device
 
 
 def main(argv: list[str] | None = None) -> int:
     registry = discover()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--op", default="all", help=f"one of: all, {', '.join(registry)}")
+    parser.add_argument("--op", default=None, help=f"one of: all, {', '.join(registry)} (default all, unless --model)")
+    parser.add_argument("--model", default=None,
+                        help=f"model throughput: all or one of {', '.join(registered_models())}")
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=None, help="sequence lengths for --model")
+    parser.add_argument("--batch-size", type=int, default=None, help="batch size for --model")
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
     parser.add_argument("--quick", action="store_true", help="small sizes (for tests and smoke runs)")
     parser.add_argument("--repeat", type=int, default=10, help="timed repetitions (median reported)")
@@ -34,12 +40,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         print("\n".join(registry))
         return 0
-    names = list(registry) if args.op == "all" else [args.op]
+    op = args.op if args.op is not None else ("all" if args.model is None else None)
+    names = [] if op is None else list(registry) if op == "all" else [op]
     unknown = [n for n in names if n not in registry]
     if unknown:
         parser.error(f"--op {unknown[0]!r} is not a registered benchmark; choose one of: all, {', '.join(registry)}")
+    models = [] if args.model is None else registered_models() if args.model == "all" else [args.model]
+    bad_models = [m for m in models if m not in registered_models()]
+    if bad_models:
+        parser.error(f"--model {bad_models[0]!r} is not registered; "
+                     f"choose one of: all, {', '.join(registered_models())}")
     device = resolve_device(args.device)
-    bench_args = BenchArgs(device=device, quick=args.quick, repeat=args.repeat)
+    bench_args = BenchArgs(device=device, quick=args.quick, repeat=args.repeat,
+                           extra={"seq_lens": args.seq_lens, "batch_size": args.batch_size})
     machine = (f"{platform.machine()} {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
                f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"# memarch bench on {machine}")
@@ -48,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = registry[name](bench_args)
         all_rows.extend(rows)
         print(f"\n## {name}\n")
+        print(format_table(rows), flush=True)
+    for name in models:
+        rows = bench_models([name], bench_args)
+        all_rows.extend(rows)
+        print(f"\n## model {name} (training step: forward + backward + AdamW)\n")
         print(format_table(rows), flush=True)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,8 @@ CITATION = re.compile(rf"\[({ID})\]")
 def spec_definitions() -> dict[str, list[str]]:
     defs: dict[str, list[str]] = {}
     for path in sorted((ROOT / "specs").glob("*.md")):
+        if path.name == "README.md":  # explains the format with example IDs
+            continue
         for match in DEFINITION.finditer(path.read_text(encoding="utf-8")):
             defs.setdefault(match.group(1), []).append(path.name)
     return defs
