@@ -175,6 +175,7 @@ class TrainConfig:
     checkpoint_every: int = 200
     seed: int = 0
     max_bad_steps: int = 10
+    probes: tuple[str, ...] = ()  # names in training.probes.PROBES, run at every evaluation
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "steps", self.steps, "an integer >= 1")
@@ -191,6 +192,10 @@ class TrainConfig:
         require(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "an integer >= 1")
         require(self.seed >= 0, "seed", self.seed, "an integer >= 0")
         require(self.max_bad_steps >= 1, "max_bad_steps", self.max_bad_steps, "an integer >= 1")
+        from training.probes import PROBES
+
+        unknown = [p for p in self.probes if p not in PROBES]
+        require(not unknown, "probes", self.probes, f"names from: {', '.join(sorted(PROBES)) or '(none registered)'}")
 
 
 @dataclass(frozen=True)

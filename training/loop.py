@@ -25,6 +25,7 @@ from tqdm import tqdm
 from reference.validation import ConfigError, MemarchError
 from training.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from training.config import ExperimentConfig
+from training.probes import run_probes
 from training.registry import Task, build_model, get_task_spec, model_name_of, task_name_of
 from training.schedules import lr_factor
 from training.tasks.needle import IGNORE_INDEX
@@ -172,6 +173,8 @@ def train(exp: ExperimentConfig, *, impl: str, device: torch.device, out_dir: st
                dynamic_ncols=True)
     with _catch_signals(flag), metrics_path.open("a") as metrics_file:
         while step < stop_at:
+            if hasattr(model, "on_step"):  # schedules inside the model (gate floors, λ(t), mem_scale, …)
+                model.on_step(step, tc.steps)
             x, y = task.batch("train", step, tc.batch_size, tc.seed)
             logits, aux, extra = split_output(model(x.to(device)))
             loss, acc = loss_and_accuracy(logits, y.to(device))
@@ -207,6 +210,7 @@ def train(exp: ExperimentConfig, *, impl: str, device: torch.device, out_dir: st
             record: dict[str, Any] = {"step": step, **last, "skipped": bad}
             if step % tc.eval_every == 0 or step == stop_at:
                 evals = evaluate(model, task, exp, device)
+                evals.update(run_probes(tc.probes, model, exp, device))
                 record.update(evals)
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
@@ -226,6 +230,7 @@ def train(exp: ExperimentConfig, *, impl: str, device: torch.device, out_dir: st
         status = "stopped at --max-steps"
     if start == stop_at and not evals:
         evals = evaluate(model, task, exp, device)
+        evals.update(run_probes(tc.probes, model, exp, device))
     wall = elapsed_before + time.perf_counter() - t0
     summary: dict[str, Any] = {
         "status": status, "steps": step, "planned_steps": tc.steps, "impl": impl, "device": str(device),
