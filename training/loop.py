@@ -173,8 +173,9 @@ def train(exp: ExperimentConfig, *, impl: str, device: torch.device, out_dir: st
                dynamic_ncols=True)
     with _catch_signals(flag), metrics_path.open("a") as metrics_file:
         while step < stop_at:
-            if hasattr(model, "on_step"):  # schedules inside the model (gate floors, λ(t), mem_scale, …)
-                model.on_step(step, tc.steps)
+            on_step = getattr(model, "on_step", None)
+            if callable(on_step):  # schedules inside the model (gate floors, λ(t), mem_scale, …)
+                on_step(step, tc.steps)
             x, y = task.batch("train", step, tc.batch_size, tc.seed)
             logits, aux, extra = split_output(model(x.to(device)))
             loss, acc = loss_and_accuracy(logits, y.to(device))
