@@ -3,6 +3,7 @@
     python scripts/train.py --impl optimized                       # embedded default: GRU on a small needle task
     python scripts/train.py --impl optimized --config configs/needle_tiny.yaml --device auto --out runs/tiny
     python scripts/train.py --config configs/needle_tiny.yaml --out runs/tiny --resume   # continue a run
+    python scripts/train.py --config configs/needle_tiny.yaml --set model.hidden_dim=256 --set train.lr=1e-3
 
 Writes `metrics.jsonl` (one line per step), `checkpoint.pt` (atomic, every `train.checkpoint_every` steps,
 at the end and on Ctrl-C/SIGTERM) and `summary.json` to `--out`, and prints the final task accuracy.
@@ -20,7 +21,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from reference.validation import MemarchError
-from training.config import load_experiment
+from training.config import apply_overrides, load_experiment, load_yaml
 from training.device import resolve_device
 from training.loop import train
 
@@ -30,6 +31,15 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "task": {"name": "needle", "n_needles": 2, "seq_len": 24, "num_keys": 8, "num_values": 8, "num_filler": 8},
     "train": {"steps": 3000, "batch_size": 64, "lr": 3e-3, "warmup_steps": 50, "schedule": "cosine",
               "eval_every": 500, "eval_batches": 8, "checkpoint_every": 500, "seed": 0},
+}
+
+
+# The flags of the seeds' own training scripts, mapped onto config keys.
+ALIASES: dict[str, tuple[str, type]] = {
+    "batch-size": ("train.batch_size", int),
+    "gradient-accumulation-steps": ("train.grad_accum_steps", int),
+    "lr": ("train.lr", float),
+    "steps": ("train.steps", int),
 }
 
 
@@ -43,17 +53,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     p.add_argument("--seed", type=int, default=None, help="override train.seed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set model.hidden_dim=256 (repeatable)")
+    seed_flags = p.add_argument_group("seed-script aliases (shorthands for --set)")
+    for flag, (key, kind) in ALIASES.items():
+        if kind is bool:
+            seed_flags.add_argument(f"--{flag}", action="store_true", default=None, help=f"--set {key}=true")
+        else:
+            seed_flags.add_argument(f"--{flag}", type=kind, default=None, help=f"--set {key}=VALUE")
+    seed_flags.add_argument("--output-dir", type=Path, default=None, help="same as --out")
     return p.parse_args(argv)
+
+
+def overrides_from(args: argparse.Namespace) -> list[str]:
+    """--set items plus the alias flags that were given, in that order (aliases win)."""
+    items = list(args.overrides)
+    for flag, (key, kind) in ALIASES.items():
+        value = getattr(args, flag.replace("-", "_"))
+        if value is not None:
+            items.append(f"{key}={'true' if kind is bool else value}")
+    return items
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        exp = load_experiment(args.config if args.config is not None else DEFAULT_CONFIG, seed=args.seed)
-        if args.config is None:
-            exp = type(exp)(model=exp.model, task=exp.task, train=exp.train, source="<embedded default>")
-        out = args.out or Path("runs") / (args.config.stem if args.config else "default")
+        raw = load_yaml(args.config) if args.config is not None else DEFAULT_CONFIG
+        source = str(args.config) if args.config else "<embedded default>"
+        exp = load_experiment(apply_overrides(raw, overrides_from(args)), seed=args.seed, source=source)
+        out = args.out or args.output_dir or Path("runs") / (args.config.stem if args.config else "default")
         device = resolve_device(args.device)
         summary = train(exp, impl=args.impl, device=device, out_dir=out, max_steps=args.max_steps,
                         resume=args.resume, progress=not args.no_progress)

@@ -162,6 +162,7 @@ class TrainConfig:
 
     steps: int = 1000
     batch_size: int = 32
+    grad_accum_steps: int = 1
     lr: float = 3e-3
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -180,6 +181,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         require(self.steps >= 1, "steps", self.steps, "an integer >= 1")
         require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        require(self.grad_accum_steps >= 1, "grad_accum_steps", self.grad_accum_steps, "an integer >= 1")
         require(self.lr > 0, "lr", self.lr, "a number > 0")
         require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
         require(all(0 <= b < 1 for b in self.betas), "betas", self.betas, "two numbers in [0, 1)")
@@ -220,15 +222,38 @@ class ExperimentConfig:
 SECTIONS = ("model", "task", "train")
 
 
-def load_experiment(config: str | Path | Mapping[str, Any], *, seed: int | None = None) -> ExperimentConfig:
-    """Load and validate an experiment from a YAML path or a mapping; `seed` overrides `train.seed`."""
+def apply_overrides(data: Mapping[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A copy of the raw experiment mapping with `section.key=value` overrides applied (values parsed as YAML)."""
+    out: dict[str, Any] = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set train.lr=1e-3")
+        if section not in SECTIONS:
+            raise ConfigError(f"--set {item!r}: unknown section {section!r}; allowed sections: {', '.join(SECTIONS)}")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {exc}") from None
+        target = out.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"--set {item!r}: section {section!r} is not a mapping")
+        target[name] = value
+    return out
+
+
+def load_experiment(config: str | Path | Mapping[str, Any], *, seed: int | None = None,
+                    source: str | None = None) -> ExperimentConfig:
+    """Load and validate an experiment from a YAML path or a mapping; `seed` overrides `train.seed`;
+    `source` names a mapping's origin in error messages."""
     from training.registry import get_model_spec, get_task_spec
 
     if isinstance(config, (str, Path)):
         data: Mapping[str, Any] = load_yaml(config)
-        source = str(config)
+        source = source or str(config)
     elif isinstance(config, Mapping):
-        data, source = config, "<dict>"
+        data, source = config, source or "<dict>"
     else:
         raise ConfigError(f"config must be a YAML path or a mapping, got {type(config).__name__}")
     unknown = [k for k in data if k not in SECTIONS]

@@ -81,6 +81,32 @@ def evaluate(model: nn.Module, task: Task, exp: ExperimentConfig, device: torch.
     return {f"{split}_loss": sum(losses) / len(losses), f"{split}_accuracy": sum(accs) / len(accs)}
 
 
+def forward_backward(model: nn.Module, task: Task, exp: ExperimentConfig, step: int,
+                     device: torch.device) -> tuple[float, float, float, dict[str, float], bool]:
+    """Accumulate gradients over `train.grad_accum_steps` micro-batches (batch indices step·k … step·k + k − 1).
+
+    Returns the mean total loss, task loss and accuracy, the model's extra metrics (of the last micro-batch),
+    and whether a loss was non-finite (then no gradient is accumulated for it or after it).
+    """
+    tc = exp.train
+    k = tc.grad_accum_steps
+    totals, losses, accs = 0.0, 0.0, 0.0
+    extra: dict[str, float] = {}
+    for j in range(k):
+        x, y = task.batch("train", step * k + j, tc.batch_size, tc.seed)
+        logits, aux, extra = split_output(model(x.to(device)))
+        loss, acc = loss_and_accuracy(logits, y.to(device))
+        total = loss + aux if aux is not None else loss
+        value = float(total.detach())
+        if not math.isfinite(value):
+            return value, float(loss.detach()), float(acc), extra, True
+        (total / k).backward()
+        totals += value / k
+        losses += float(loss.detach()) / k
+        accs += float(acc) / k
+    return totals, losses, accs, extra, False
+
+
 class _StopFlag:
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -176,15 +202,10 @@ def train(exp: ExperimentConfig, *, impl: str, device: torch.device, out_dir: st
             on_step = getattr(model, "on_step", None)
             if callable(on_step):  # schedules inside the model (gate floors, λ(t), mem_scale, …)
                 on_step(step, tc.steps)
-            x, y = task.batch("train", step, tc.batch_size, tc.seed)
-            logits, aux, extra = split_output(model(x.to(device)))
-            loss, acc = loss_and_accuracy(logits, y.to(device))
-            total = loss + aux if aux is not None else loss
             optimizer.zero_grad(set_to_none=True)
-            bad = not math.isfinite(float(total.detach()))
+            total, loss, acc, extra, bad = forward_backward(model, task, exp, step, device)
             grad_norm = float("nan")
             if not bad:
-                total.backward()
                 max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
                 bad = not math.isfinite(grad_norm)
@@ -204,7 +225,7 @@ def train(exp: ExperimentConfig, *, impl: str, device: torch.device, out_dir: st
                 optimizer.step()
             scheduler.step()
             step += 1
-            last = {"loss": float(total.detach()), "task_loss": float(loss.detach()), "accuracy": float(acc),
+            last = {"loss": total, "task_loss": loss, "accuracy": acc,
                     "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"], **extra}
             if first_loss is None:
                 first_loss = last["loss"]

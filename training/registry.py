@@ -79,6 +79,7 @@ MODELS: dict[str, ModelSpec] = {
 
 TASKS: dict[str, TaskSpec] = {
     "needle": TaskSpec("needle", "training.tasks.needle:NeedleConfig", "training.tasks.needle:NeedleTask"),
+    "text": TaskSpec("text", "training.tasks.text:TextConfig", "training.tasks.text:TextTask"),
 }
 
 
