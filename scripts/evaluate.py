@@ -14,11 +14,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from reference.validation import ConfigError, MemarchError
-from training.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from training.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_model_weights
 from training.config import load_experiment
 from training.device import resolve_device
 from training.loop import evaluate
-from training.registry import build_model, get_task_spec, task_name_of
+from training.registry import build_model, get_task_spec, model_name_of, task_name_of
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         impl = args.impl or str(state.get("impl", "optimized"))
         model = build_model(exp, impl).to(device)
-        model.load_state_dict(state["model"])
+        load_model_weights(model, state, model_name_of(exp.model))
         task = get_task_spec(task_name_of(exp.task)).build(exp.task)
         result = {"step": state["step"], "impl": impl, **evaluate(model, task, exp, device, split=args.split)}
     except MemarchError as exc:

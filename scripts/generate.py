@@ -17,11 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from reference.validation import ConfigError, MemarchError
-from training.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from training.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_model_weights
 from training.config import load_experiment
 from training.device import resolve_device
 from training.generation import generate
-from training.registry import build_model
+from training.registry import build_model, model_name_of
 from training.tokenizer import load_tokenizer
 
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = load_tokenizer(tok_name if isinstance(tok_name, str) else "byte")
         device = resolve_device(args.device)
         model = build_model(exp, args.impl).to(device)
-        model.load_state_dict(state["model"])
+        load_model_weights(model, state, model_name_of(exp.model))
         ids = [tokenizer.bos_id, *tokenizer.encode(args.prompt)]
         if max(ids) >= exp.model.vocab_size:
             raise ConfigError(f"the tokenizer's ids exceed the model's vocabulary ({exp.model.vocab_size}); "

@@ -20,7 +20,9 @@ settings.register_profile("thorough", max_examples=300, deadline=None,
 settings.register_profile("dev", max_examples=5, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# One thread per process: `pytest -n auto` already runs one worker per core, and small ops slow down badly
+# when several multi-threaded workers share two cores.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -6,9 +6,13 @@ checkpoint can hold tensors and plain containers only (no pickled code).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import pickle
 import random
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,12 @@ import torch
 from reference.validation import ConfigError
 
 CHECKPOINT_NAME = "checkpoint.pt"
+FORMAT = "memarch-checkpoint-v1"
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """A stable hash of a plain config dict (sorted-key JSON), stored in every checkpoint."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -41,10 +51,30 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"checkpoint not found: {str(p)!r}; start without --resume or point --out at the "
                           f"run folder that holds {CHECKPOINT_NAME}")
-    state = torch.load(p, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise ConfigError(f"{p}: not a memarch checkpoint (top level is {type(state).__name__})")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
+        raise ConfigError(f"{p}: truncated or corrupt checkpoint ({type(exc).__name__}: {str(exc)[:200]}); "
+                          f"delete it to start over, or restore an earlier copy") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ConfigError(f"{p}: not a memarch checkpoint (expected format {FORMAT!r})")
+    missing = [k for k in ("model", "config", "config_hash", "model_name", "step") if k not in state]
+    if missing:
+        raise ConfigError(f"{p}: checkpoint lacks {', '.join(missing)}; it is incomplete")
+    if config_hash(state["config"]) != state["config_hash"]:
+        raise ConfigError(f"{p}: the stored config does not match its hash; the checkpoint is corrupt")
     return state
+
+
+def load_model_weights(model: torch.nn.Module, state: dict[str, Any], model_name: str) -> None:
+    """Load a checkpoint's weights into `model` (either implementation), refusing another model's weights."""
+    if state["model_name"] != model_name:
+        raise ConfigError(f"checkpoint holds a {state['model_name']!r} model, not {model_name!r}; "
+                          f"build the model from the checkpoint's own config")
+    result = model.load_state_dict(state["model"], strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ConfigError(f"checkpoint weights do not fit this {model_name!r} model: missing "
+                          f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
 
 
 def rng_state() -> dict[str, Any]:

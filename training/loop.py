@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import signal
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -23,7 +24,16 @@ from torch import nn
 from tqdm import tqdm
 
 from reference.validation import ConfigError, MemarchError
-from training.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from training.checkpoint import (
+    CHECKPOINT_NAME,
+    FORMAT,
+    config_hash,
+    load_checkpoint,
+    load_model_weights,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from training.config import ExperimentConfig
 from training.probes import run_probes
 from training.registry import Task, build_model, get_task_spec, model_name_of, task_name_of
@@ -54,7 +64,9 @@ def split_output(out: Any) -> tuple[torch.Tensor, torch.Tensor | None, dict[str,
 def loss_and_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy and accuracy over positions whose target is not IGNORE_INDEX."""
     V = logits.shape[-1]
-    flat_logits = logits.reshape(-1, V).float()
+    flat_logits = logits.reshape(-1, V)
+    if flat_logits.dtype in (torch.float16, torch.bfloat16):
+        flat_logits = flat_logits.float()  # the loss in at least fp32; float64 stays float64
     flat_targets = targets.reshape(-1)
     loss = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE_INDEX)
     mask = flat_targets != IGNORE_INDEX
@@ -135,7 +147,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Keep only metric records up to `step` (a resumed run rewrites what came after its checkpoint)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a hard kill
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
 
 
@@ -168,7 +187,7 @@ def train(exp: ExperimentConfig, *, impl: str, device: torch.device, out_dir: st
         if state.get("config") != config_dict:
             raise ConfigError(f"--resume: the config differs from the one {ckpt_path} was trained with; "
                               f"resume with the same config (saved: {state.get('config')})")
-        model.load_state_dict(state["model"])
+        load_model_weights(model, state, model_name_of(exp.model))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -182,6 +201,7 @@ def train(exp: ExperimentConfig, *, impl: str, device: torch.device, out_dir: st
 
     def checkpoint(step: int) -> None:
         save_checkpoint(ckpt_path, {
+            "format": FORMAT, "model_name": model_name_of(exp.model), "config_hash": config_hash(config_dict),
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "rng": rng_state(), "step": step, "skipped_steps": skipped, "config": config_dict,
             "impl": impl, "wall_time_s": elapsed_before + time.perf_counter() - t0,
@@ -195,8 +215,9 @@ def train(exp: ExperimentConfig, *, impl: str, device: torch.device, out_dir: st
     last: dict[str, float] = {}
     evals: dict[str, float] = {}
     status = "completed"
+    interactive = sys.stderr.isatty()
     bar = tqdm(total=stop_at, initial=start, disable=not progress, desc=f"{model_name_of(exp.model)}[{impl}]",
-               dynamic_ncols=True)
+               dynamic_ncols=True, mininterval=0.1 if interactive else 30.0)
     with _catch_signals(flag), metrics_path.open("a") as metrics_file:
         while step < stop_at:
             on_step = getattr(model, "on_step", None)

@@ -95,16 +95,21 @@ def get_task_spec(name: str) -> TaskSpec:
     return TASKS[name]
 
 
+def _path_of(cfg: Any) -> str:
+    return f"{type(cfg).__module__}:{type(cfg).__qualname__}"
+
+
 def model_name_of(cfg: Any) -> str:
+    """The registered name of a model config (matched by import path, so no other model is imported)."""
     for spec in MODELS.values():
-        if type(cfg) is spec.config_cls:
+        if _path_of(cfg) == spec.config:
             return spec.name
     raise ConfigError(f"{type(cfg).__name__} is not the config class of any registered model")
 
 
 def task_name_of(cfg: Any) -> str:
     for spec in TASKS.values():
-        if type(cfg) is spec.config_cls:
+        if _path_of(cfg) == spec.config:
             return spec.name
     raise ConfigError(f"{type(cfg).__name__} is not the config class of any registered task")
 
