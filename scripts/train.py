@@ -40,6 +40,11 @@ ALIASES: dict[str, tuple[str, type]] = {
     "gradient-accumulation-steps": ("train.grad_accum_steps", int),
     "lr": ("train.lr", float),
     "steps": ("train.steps", int),
+    # Atlas-MAG's train_smollm.py
+    "dim": ("model.dim", int),
+    "layers": ("model.num_layers", int),
+    "heads": ("model.num_heads", int),
+    "disable-memory": ("model.disable_memory", bool),
 }
 
 

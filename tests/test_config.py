@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from reference.gru import GRUConfig
@@ -26,7 +27,9 @@ def write(tmp_path: Path, data: object) -> Path:
 def test_every_shipped_config_loads_and_builds(path: Path) -> None:
     exp = load_experiment(path)
     for impl in ("reference", "optimized"):
-        assert build_model(path, impl) is not None
+        with torch.device("meta"):  # shapes only: the 100M+ recipes would take seconds to initialise
+            model = build_model(path, impl)
+        assert sum(p.numel() for p in model.parameters()) > 0
     assert exp.source == str(path)
 
 

@@ -75,11 +75,14 @@ class TaskSpec:
 
 MODELS: dict[str, ModelSpec] = {
     "gru": ModelSpec("gru", "reference.gru:GRUConfig", "reference.gru:GRUModel", "optimized.gru:GRUModel"),
+    "atlas_mag": ModelSpec("atlas_mag", "reference.atlas_mag:AtlasMAGConfig", "reference.atlas_mag:AtlasMAG",
+                           "optimized.atlas_mag:AtlasMAG"),
 }
 
 TASKS: dict[str, TaskSpec] = {
     "needle": TaskSpec("needle", "training.tasks.needle:NeedleConfig", "training.tasks.needle:NeedleTask"),
     "text": TaskSpec("text", "training.tasks.text:TextConfig", "training.tasks.text:TextTask"),
+    "smollm": TaskSpec("smollm", "training.tasks.smollm:SmolLMConfig", "training.tasks.smollm:SmolLMTask"),
 }
 
 

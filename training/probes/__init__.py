@@ -13,7 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-PROBES: dict[str, str] = {}
+PROBES: dict[str, str] = {
+    "niah": "training.probes.niah:niah",
+}
 
 
 def run_probes(names: Sequence[str], model: nn.Module, exp: Any, device: torch.device) -> dict[str, float]:

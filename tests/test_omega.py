@@ -1,0 +1,195 @@
+"""Omega-rule memory ([MAG-1] … [MAG-4]): optimized vs reference, causality, window exactness, γ bounds,
+norm bound, closed forms, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import optimized.omega as opt
+import reference.omega as ref
+from reference.validation import MemarchError, ShapeError
+from tests.causality import assert_causal
+from tests.equivalence import assert_equivalent
+from tests.strategies import make_tensor, seeds
+
+CPU_DTYPES = st.sampled_from([torch.float64, torch.float32])
+sizes = st.tuples(st.integers(1, 2), st.integers(1, 2), st.integers(1, 20), st.sampled_from([2, 4]),
+                  st.integers(1, 12), st.sampled_from([1, 3, 4, 8]), st.integers(0, 3))
+
+
+def _inputs(B: int, H: int, L: int, Dh: int, P: int, seed: int) -> tuple[torch.Tensor, ...]:
+    q = make_tensor((B, H, L, Dh), seed)
+    k = make_tensor((B, H, L, Dh), seed + 1)
+    gate = torch.sigmoid(make_tensor((B, H, L), seed + 2))
+    k_p = make_tensor((H, P, Dh), seed + 3)
+    return q, k, gate, k_p
+
+
+def _pack(q: torch.Tensor, k: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return torch.cat([q, k, gate[..., None]], dim=-1)  # (B, H, L, 2Dh + 1)
+
+
+def _unpacked(fn: object, Dh: int, window: int, decay: float, **kw: object):  # type: ignore[no-untyped-def]
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return fn(x[..., :Dh], x[..., Dh:2 * Dh], x[..., 2 * Dh], window, decay, **kw)  # type: ignore[operator]
+    return run
+
+
+@given(sizes, st.sampled_from([0.5, 0.95, 1.0]), CPU_DTYPES, seeds)
+def test_optimized_matches_reference_outputs_and_gradients(size: tuple[int, ...], decay: float,
+                                                           dtype: torch.dtype, seed: int) -> None:
+    B, H, L, Dh, window, block, P = size
+    q, k, gate, k_p = _inputs(B, H, L, Dh, P, seed)
+
+    def reference(q: torch.Tensor, k: torch.Tensor, gate: torch.Tensor, k_p: torch.Tensor) -> torch.Tensor:
+        M, n = ref.persistent_memory(k_p)
+        return ref.omega_memory(q, k, gate, window, decay, M_persistent=M, norm_persistent=n)
+
+    def optimized(q: torch.Tensor, k: torch.Tensor, gate: torch.Tensor, k_p: torch.Tensor) -> torch.Tensor:
+        M, n = opt.persistent_memory(k_p)
+        return opt.omega_memory(q, k, gate, window, decay, M_persistent=M, norm_persistent=n, block=block)
+
+    assert_equivalent(reference, optimized, (q, k, gate, k_p), dtype=dtype)
+
+
+@given(sizes, CPU_DTYPES, seeds)
+def test_optimized_matches_reference_without_persistent_memory(size: tuple[int, ...], dtype: torch.dtype,
+                                                               seed: int) -> None:
+    B, H, L, Dh, window, block, _ = size
+    q, k, gate, _ = _inputs(B, H, L, Dh, 0, seed)
+    assert_equivalent(lambda q, k, g: ref.omega_memory(q, k, g, window, 0.9),
+                      lambda q, k, g: opt.omega_memory(q, k, g, window, 0.9, block=block), (q, k, gate), dtype=dtype)
+
+
+def test_batched_persistent_memory_matches_reference() -> None:
+    q, k, gate, _ = _inputs(2, 2, 9, 4, 0, 5)
+    M = make_tensor((2, 2, 4, 4), 9)
+    M = M @ M.transpose(-1, -2)
+    n = torch.rand(2, 2, dtype=torch.float64) + 1
+    assert_equivalent(lambda q, k, g, M, n: ref.omega_memory(q, k, g, 4, M_persistent=M, norm_persistent=n),
+                      lambda q, k, g, M, n: opt.omega_memory(q, k, g, 4, M_persistent=M, norm_persistent=n, block=4),
+                      (q, k, gate, M, n))
+
+
+@given(st.integers(1, 14), st.integers(1, 9), seeds)
+def test_weights_match_reference(L: int, window: int, seed: int) -> None:
+    gate = torch.rand(2, 1, L, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    assert_equivalent(lambda g: ref.omega_weights(g, window, 0.8), lambda g: opt.omega_weights(g, window, 0.8),
+                      (gate,))
+
+
+@pytest.mark.parametrize("impl", [ref, opt], ids=["reference", "optimized"])
+@pytest.mark.parametrize("t", [0, 5, 11])
+def test_omega_memory_is_causal(impl: object, t: int) -> None:
+    q, k, gate, k_p = _inputs(2, 2, 12, 4, 3, 0)
+    M, n = ref.persistent_memory(k_p)
+    fn = _unpacked(impl.omega_memory, 4, 5, 0.9, M_persistent=M, norm_persistent=n)  # type: ignore[attr-defined]
+    assert_causal(fn, _pack(q, k, gate), t, time_dim=2)
+
+
+@pytest.mark.parametrize("impl", [ref, opt], ids=["reference", "optimized"])
+@pytest.mark.parametrize("window", [1, 3, 6])
+def test_keys_older_than_the_window_have_no_influence(impl: object, window: int) -> None:
+    """[MAG-1] Perturbing k and gate at every i ≤ t − c leaves q'_t unchanged; perturbing i = t − c + 1 does not."""
+    L, t = 14, 11
+    q, k, gate, k_p = _inputs(1, 2, L, 4, 2, 3)
+    M, n = ref.persistent_memory(k_p)
+    fn = impl.omega_memory  # type: ignore[attr-defined]
+    base = fn(q, k, gate, window, 0.9, M_persistent=M, norm_persistent=n)[:, :, t]
+    old = slice(0, t - window + 1)
+    k2, g2 = k.clone(), gate.clone()
+    k2[:, :, old] = make_tensor(k2[:, :, old].shape, 77) * 5
+    g2[:, :, old] = 1 - g2[:, :, old]
+    moved = fn(q, k2, g2, window, 0.9, M_persistent=M, norm_persistent=n)[:, :, t]
+    assert torch.equal(moved, base)
+    k3 = k.clone()
+    k3[:, :, t - window + 1] += 1.0
+    inside = fn(q, k3, gate, window, 0.9, M_persistent=M, norm_persistent=n)[:, :, t]
+    assert float((inside - base).abs().max()) > 1e-6
+
+
+@given(st.integers(1, 12), st.integers(1, 8), st.floats(0.05, 1.0), seeds)
+def test_gamma_is_bounded_by_the_gate_and_zero_outside_the_window(L: int, window: int, decay: float,
+                                                                  seed: int) -> None:
+    """[MAG-2] 0 ≤ γ_i^(t) ≤ gate_i ≤ 1, γ_t^(t) = gate_t, γ = 0 for i > t or i ≤ t − c, ratio decay per step."""
+    gate = torch.rand(1, 2, L, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    gamma = ref.omega_weights(gate, window, decay)  # (1, 2, L, L)
+    t = torch.arange(L)[:, None]
+    i = torch.arange(L)[None, :]
+    inside = (i <= t) & (i > t - window)
+    assert bool((gamma[..., ~inside] == 0).all())
+    assert bool((gamma >= 0).all()) and bool((gamma <= gate[:, :, None, :] + 1e-15).all())
+    assert torch.allclose(torch.diagonal(gamma, dim1=-2, dim2=-1), gate, rtol=0, atol=1e-15)
+    if L >= 2 and window >= 2:
+        assert torch.allclose(gamma[..., 1:, :-1].diagonal(dim1=-2, dim2=-1),
+                              decay * gate[..., :-1], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("impl", [ref, opt], ids=["reference", "optimized"])
+def test_read_never_grows_the_query(impl: object) -> None:
+    """M_t / norm_sum_t is positive semi-definite with trace ≤ 1, so ‖q'_t‖ ≤ ‖q_t‖ (eps = 0)."""
+    q, k, gate, k_p = _inputs(2, 3, 16, 4, 4, 11)
+    M, n = ref.persistent_memory(k_p)
+    out = impl.omega_memory(q, k, gate, 5, 0.9, M_persistent=M, norm_persistent=n, eps=0.0)  # type: ignore[attr-defined]
+    assert bool((out.norm(dim=-1) <= q.norm(dim=-1) * (1 + 1e-12)).all())
+
+
+@pytest.mark.parametrize("impl", [ref, opt], ids=["reference", "optimized"])
+def test_window_of_one_projects_the_query_on_the_current_key(impl: object) -> None:
+    q, k, gate, _ = _inputs(1, 2, 7, 4, 0, 2)
+    out = impl.omega_memory(q, k, gate, 1, 0.5, eps=0.0)  # type: ignore[attr-defined]
+    expect = (q * k).sum(-1, keepdim=True) * k / (k * k).sum(-1, keepdim=True)
+    assert torch.allclose(out, expect, rtol=1e-12, atol=1e-12)
+
+
+def test_persistent_memory_is_visible_from_the_first_token() -> None:
+    """[MAG-4] With tiny gates, position 0 reads M_persistent q_0 / norm_persistent."""
+    q, k, gate, k_p = _inputs(1, 2, 3, 4, 3, 4)
+    M, n = ref.persistent_memory(k_p)
+    out = opt.omega_memory(q, k, gate * 0, 4, 0.9, M_persistent=M, norm_persistent=n, eps=0.0)
+    expect = torch.einsum("hde,bhle->bhld", M, q) / n[None, :, None, None]
+    assert torch.allclose(out, expect, rtol=1e-12, atol=1e-12)
+
+
+def test_persistent_memory_of_no_tokens_is_zero() -> None:
+    M, n = ref.persistent_memory(torch.zeros(2, 0, 4, dtype=torch.float64))
+    M2, n2 = opt.persistent_memory(torch.zeros(2, 0, 4, dtype=torch.float64))
+    assert not M.any() and not n.any() and not M2.any() and not n2.any()
+
+
+@pytest.mark.parametrize("impl", [ref, opt], ids=["reference", "optimized"])
+def test_bad_inputs_are_rejected_with_clear_messages(impl: object) -> None:
+    fn = impl.omega_memory  # type: ignore[attr-defined]
+    q, k, gate, _ = _inputs(1, 2, 5, 4, 0, 0)
+    with pytest.raises(ShapeError, match=r"gate must have shape \(B, H, L\) = \(1, 2, 5\), got \(1, 5\)"):
+        fn(q, k, gate[:, 0], 3)
+    with pytest.raises(ShapeError, match=r"k must have the shape of q"):
+        fn(q, k[:, :, :4], gate, 3)
+    with pytest.raises(MemarchError, match=r"window must be an int >= 1 .* got 0"):
+        fn(q, k, gate, 0)
+    with pytest.raises(MemarchError, match=r"decay_base must be a number in \(0, 1\], got 1.5"):
+        fn(q, k, gate, 3, 1.5)
+    with pytest.raises(MemarchError, match=r"pass both or neither"):
+        fn(q, k, gate, 3, M_persistent=torch.zeros(2, 4, 4, dtype=torch.float64))
+    with pytest.raises(ShapeError, match=r"M_persistent must have shape \(H, Dh, Dh\) = \(2, 4, 4\)"):
+        fn(q, k, gate, 3, M_persistent=torch.zeros(3, 4, 4, dtype=torch.float64),
+           norm_persistent=torch.zeros(2, dtype=torch.float64))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_optimized_matches_reference_on_cuda(dtype: torch.dtype) -> None:
+    q, k, gate, k_p = _inputs(2, 4, 300, 16, 8, 1)
+
+    def reference(q: torch.Tensor, k: torch.Tensor, gate: torch.Tensor, k_p: torch.Tensor) -> torch.Tensor:
+        M, n = ref.persistent_memory(k_p)
+        return ref.omega_memory(q, k, gate, 100, 0.95, M_persistent=M, norm_persistent=n)
+
+    def optimized(q: torch.Tensor, k: torch.Tensor, gate: torch.Tensor, k_p: torch.Tensor) -> torch.Tensor:
+        M, n = opt.persistent_memory(k_p)
+        return opt.omega_memory(q, k, gate, 100, 0.95, M_persistent=M, norm_persistent=n)
+
+    assert_equivalent(reference, optimized, (q, k, gate, k_p), dtype=dtype, device="cuda")

@@ -1,0 +1,98 @@
+"""Omega-rule memory op (`scripts/bench.py --op omega`): reference vs optimized, and on CUDA the long-context row
+against the sliding-window attention peers (flex-attention with a sliding-window block mask, full causal SDPA).
+
+Floor: the larger of the memory floor (read q, k, gate, write q' once at 3.0 TB/s, the H100's measured copy
+rate) and the compute floor (the banded Gram and weighted-sum matmuls, 4·B·H·L·c·Dh FLOPs, at 781 TFLOP/s bf16
+or 51 TFLOP/s fp32).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import optimized.omega as opt
+import reference.omega as ref
+from training.benchmarks import BenchArgs, BenchRow, register, time_fn
+
+BANDWIDTH = 3.0e12  # bytes/s
+FLOPS = {torch.bfloat16: 781e12, torch.float16: 781e12, torch.float32: 51e12, torch.float64: 51e12 / 2}
+
+
+def _inputs(B: int, H: int, L: int, Dh: int, dtype: torch.dtype,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(B, H, L, Dh, generator=g, device=device).to(dtype)
+    k = torch.randn(B, H, L, Dh, generator=g, device=device).to(dtype)
+    gate = torch.rand(B, H, L, generator=g, device=device).to(dtype)
+    return q, k, gate
+
+
+def floor_ms(B: int, H: int, L: int, Dh: int, c: int, dtype: torch.dtype) -> float:
+    size = torch.empty((), dtype=dtype).element_size()
+    memory = (3 * B * H * L * Dh + B * H * L) * size / BANDWIDTH
+    compute = 4 * B * H * L * min(c, L) * Dh / FLOPS[dtype]
+    return max(memory, compute) * 1e3
+
+
+def _rows(args: BenchArgs, B: int, H: int, L: int, Dh: int, c: int, dtype: torch.dtype,
+          with_reference: bool) -> list[BenchRow]:
+    device = args.device
+    q, k, gate = _inputs(B, H, L, Dh, dtype, device)
+    params = f"B={B} H={H} L={L} Dh={Dh} c={c} {str(dtype).removeprefix('torch.')}"
+    floor = floor_ms(B, H, L, Dh, c, dtype)
+    rows: list[BenchRow] = []
+
+    def row(impl: str, ms: float, dispatch: str, note: str = "") -> BenchRow:
+        return BenchRow("omega", impl, params, ms, dispatch, f"{B * L / ms * 1e3:.3g} tok/s",
+                        floor / ms if impl == "optimized" and device.type == "cuda" else None, note)
+
+    with torch.no_grad():
+        ms_opt = time_fn(lambda: opt.omega_memory(q, k, gate, c), device, repeat=args.repeat)
+        rows.append(row("optimized", ms_opt, opt.omega_dispatch(q), f"floor {floor:.3f} ms"))
+        if with_reference:
+            ms_ref = time_fn(lambda: ref.omega_memory(q, k, gate, c), device, warmup=1, repeat=1)
+            rows.append(row("reference", ms_ref, "torch-loop-over-t", f"optimized is {ms_ref / ms_opt:.0f}x faster"))
+    return rows
+
+
+def _peer_rows(args: BenchArgs, B: int, H: int, L: int, Dh: int, window: int, dtype: torch.dtype) -> list[BenchRow]:
+    """Sliding-window attention at the same sizes: flex-attention (compiled, block mask) and causal SDPA."""
+    device = args.device
+    q, k, _ = _inputs(B, H, L, Dh, dtype, device)
+    v = k.clone()
+    params = f"B={B} H={H} L={L} Dh={Dh} w={window} {str(dtype).removeprefix('torch.')}"
+    rows: list[BenchRow] = []
+    with torch.no_grad():
+        ms = time_fn(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), device, repeat=args.repeat)
+        rows.append(BenchRow("omega", "peer:sdpa-causal", params, ms, "sdpa", f"{B * L / ms * 1e3:.3g} tok/s",
+                             note="full causal attention"))
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        except ImportError as exc:
+            rows.append(BenchRow("omega", "peer:flex-swa", params, float("nan"), note=f"unavailable: {exc}"))
+            return rows
+
+        def sliding(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+            return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
+        mask = create_block_mask(sliding, B=None, H=None, Q_LEN=L, KV_LEN=L, device=str(device))
+        flex = torch.compile(flex_attention)
+        ms = time_fn(lambda: flex(q, k, v, block_mask=mask), device, repeat=args.repeat)
+        rows.append(BenchRow("omega", "peer:flex-swa", params, ms, "flex_attention (compiled)",
+                             f"{B * L / ms * 1e3:.3g} tok/s", note="sliding-window attention, same window"))
+    return rows
+
+
+@register("omega")
+def bench_omega(args: BenchArgs) -> list[BenchRow]:
+    if args.device.type != "cuda":
+        if args.quick:
+            return _rows(args, 1, 2, 128, 16, 32, torch.float32, with_reference=True)
+        return (_rows(args, 1, 4, 512, 32, 64, torch.float32, with_reference=True)
+                + _rows(args, 1, 4, 2048, 64, 256, torch.float32, with_reference=False))
+    rows = _rows(args, 4, 8, 2048, 64, 256, torch.bfloat16, with_reference=True)
+    rows += _rows(args, 4, 8, 2048, 64, 256, torch.float32, with_reference=False)
+    rows += _rows(args, 1, 16, 32768, 64, 1024, torch.bfloat16, with_reference=False)
+    rows += _peer_rows(args, 1, 16, 32768, 64, 1024, torch.bfloat16)
+    return rows

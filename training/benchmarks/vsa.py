@@ -1,0 +1,118 @@
+"""VSA binding throughput: `scripts/bench.py --op bind` and `--op unbind`.
+
+CPU: D = 4096 over 1024 pairs (float32): the literal reference (an O(D²) index sum) is timed on a few pairs and
+scaled per pair (said in the `note` column); optimized is the rfft/irfft path; the speedup is in its note.
+GPU: D ∈ {1024, 4096, 8192} with 256 MiB per operand; throughput counts 12 bytes per fp32 element (read a and b,
+write c) and `floor` is the fraction of the device copy bandwidth measured in the same run (`dst.copy_(src)` on
+256 MiB, read + write). A torchhd HRR row is added when `torchhd` is importable.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import optimized.vsa as opt
+import reference.vsa as ref
+from training.benchmarks import BenchArgs, BenchRow, register, time_fn
+
+MIB = 2**20
+BYTES_PER_ELEMENT = 12  # fp32: read a, read b, write c
+
+
+def _torchhd() -> Any | None:
+    try:
+        return importlib.import_module("torchhd")
+    except ImportError:
+        return None
+
+
+def copy_bandwidth(device: torch.device, repeat: int) -> float:
+    """Device copy bandwidth in GB/s (read + write) on 256 MiB."""
+    src = torch.empty(256 * MIB // 4, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms = time_fn(lambda: dst.copy_(src), device, repeat=repeat)
+    return 2 * src.numel() * 4 / (ms / 1e3) / 1e9
+
+
+def _gbps(pairs: int, dim: int, ms: float) -> float:
+    return BYTES_PER_ELEMENT * pairs * dim / (ms / 1e3) / 1e9
+
+
+def _operands(pairs: int, dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator(device=device).manual_seed(0)
+    a = ref.random_hrr(dim, (pairs,), generator=g, device=device)
+    b = ref.random_hrr(dim, (pairs,), generator=g, device=device)
+    return a, b
+
+
+def bench_cpu(op: str, args: BenchArgs) -> list[BenchRow]:
+    dim, pairs, ref_pairs = (256, 64, 4) if args.quick else (4096, 1024, 32)
+    device = args.device
+    a, b = _operands(pairs, dim, device)
+    ref_fn: Callable[..., torch.Tensor] = getattr(ref, op)
+    opt_fn: Callable[..., torch.Tensor] = getattr(opt, op)
+    ms_opt = time_fn(lambda: opt_fn(a, b), device, repeat=args.repeat)
+    ms_ref_few = time_fn(lambda: ref_fn(a[:ref_pairs], b[:ref_pairs]), device, warmup=1, repeat=1)
+    ms_ref = ms_ref_few * pairs / ref_pairs
+    params = f"D={dim} pairs={pairs} fp32"
+    rows = [
+        BenchRow(op=op, impl="reference", params=params, ms=ms_ref, dispatch="literal index sum",
+                 throughput=f"{_gbps(pairs, dim, ms_ref):.3f} GB/s",
+                 note=f"timed on {ref_pairs} pairs ({ms_ref_few:.1f} ms), scaled x{pairs // ref_pairs} per pair"),
+        BenchRow(op=op, impl="optimized", params=params, ms=ms_opt, dispatch=opt.bind_dispatch(a, b),
+                 throughput=f"{_gbps(pairs, dim, ms_opt):.2f} GB/s",
+                 note=f"{ms_ref / ms_opt:.0f}x faster than reference ({torch.get_num_threads()} threads)"),
+    ]
+    hd = _torchhd()
+    if hd is not None and op == "bind":
+        ta, tb = a.as_subclass(hd.HRRTensor), b.as_subclass(hd.HRRTensor)
+        ms_hd = time_fn(lambda: hd.bind(ta, tb), device, repeat=args.repeat)
+        rows.append(BenchRow(op=op, impl="peer:torchhd", params=params, ms=ms_hd, dispatch="HRRTensor.bind",
+                             throughput=f"{_gbps(pairs, dim, ms_hd):.2f} GB/s"))
+    return rows
+
+
+def bench_gpu(op: str, args: BenchArgs) -> list[BenchRow]:
+    device = args.device
+    copy_gbps = copy_bandwidth(device, args.repeat)
+    rows = [BenchRow(op=op, impl="peer:copy", params="256 MiB fp32", ms=2 * 256 * MIB / copy_gbps / 1e6,
+                     dispatch="dst.copy_(src)", throughput=f"{copy_gbps:.0f} GB/s", floor_fraction=1.0,
+                     note="read + write; the floor for the rows below")]
+    for dim in (1024, 4096, 8192):
+        rows.extend(_gpu_rows(op, dim, 16 if args.quick else 256, copy_gbps, args))
+    return rows
+
+
+def _gpu_rows(op: str, dim: int, operand_mib: int, copy_gbps: float, args: BenchArgs) -> list[BenchRow]:
+    device = args.device
+    pairs = operand_mib * MIB // (4 * dim)
+    a, b = _operands(pairs, dim, device)
+    params = f"D={dim} pairs={pairs} fp32 ({operand_mib} MiB/operand)"
+    fn: Callable[..., Any] = getattr(opt, op)
+    candidates: list[tuple[str, str, Callable[[], Any]]] = [
+        ("optimized", opt.bind_dispatch(a, b), lambda: fn(a, b))]
+    hd = _torchhd()
+    if hd is not None and op == "bind":
+        ta, tb = a.as_subclass(hd.HRRTensor), b.as_subclass(hd.HRRTensor)
+        candidates.append(("peer:torchhd", "HRRTensor.bind", lambda: hd.bind(ta, tb)))
+    rows = []
+    for impl, dispatch, run in candidates:
+        ms = time_fn(run, device, repeat=args.repeat)
+        gbps = _gbps(pairs, dim, ms)
+        rows.append(BenchRow(op=op, impl=impl, params=params, ms=ms, dispatch=dispatch,
+                             throughput=f"{gbps:.0f} GB/s", floor_fraction=gbps / copy_gbps))
+    return rows
+
+
+@register("bind")
+def bench_bind(args: BenchArgs) -> list[BenchRow]:
+    return bench_gpu("bind", args) if args.device.type == "cuda" else bench_cpu("bind", args)
+
+
+@register("unbind")
+def bench_unbind(args: BenchArgs) -> list[BenchRow]:
+    return bench_gpu("unbind", args) if args.device.type == "cuda" else bench_cpu("unbind", args)
