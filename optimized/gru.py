@@ -15,6 +15,6 @@ __all__ = ["GRUConfig", "GRUModel"]
 
 
 class GRUModel(ReferenceGRUModel):
-    def recurrence(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = self.rnn(x)
-        return out
+    def recurrence(self, x: torch.Tensor, h0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        out, last = self.rnn(x, h0)
+        return out, last

@@ -62,24 +62,45 @@ class GRUModel(nn.Module):
         if input_ids.shape[1] == 0:
             raise ConfigError("GRUModel.forward: input_ids has seq_len 0; sequences must hold at least one token")
 
-    def recurrence(self, x: torch.Tensor) -> torch.Tensor:
-        """[GRU-5] The stacked GRU over time: x (B, L, E) → hidden states of the top layer (B, L, H)."""
+    def recurrence(self, x: torch.Tensor, h0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """[GRU-5] The stacked GRU over time: x (B, L, E), initial state h0 (num_layers, B, H) or zeros →
+        (hidden states of the top layer (B, L, H), last state of every layer (num_layers, B, H))."""
         B, L, _ = x.shape
         layer_input = x
+        last = []
         for layer in range(self.config.num_layers):
             w_ih = getattr(self.rnn, f"weight_ih_l{layer}")
             w_hh = getattr(self.rnn, f"weight_hh_l{layer}")
             b_ih = getattr(self.rnn, f"bias_ih_l{layer}")
             b_hh = getattr(self.rnn, f"bias_hh_l{layer}")
-            h = x.new_zeros(B, self.config.hidden_dim)
+            h = x.new_zeros(B, self.config.hidden_dim) if h0 is None else h0[layer]
             outputs = []
             for t in range(L):
                 h = gru_cell(layer_input[:, t], h, w_ih, w_hh, b_ih, b_hh)
                 outputs.append(h)
             layer_input = torch.stack(outputs, dim=1)
-        return layer_input
+            last.append(h)
+        return layer_input, torch.stack(last)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, state: torch.Tensor | None = None,
+                return_state: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Logits (B, L, vocab); with `return_state`, {"logits", "state"} where state (num_layers, B, H) is the
+        last hidden state, to be passed back as `state` for the next segment (truncated BPTT)."""
         self.check_input(input_ids)
+        if state is not None:
+            check_rank(state, "state", 3, fn="GRUModel.forward", layout="(num_layers, batch, hidden_dim)")
         x = self.embed(input_ids)  # (B, L, E)
-        return self.head(self.recurrence(x))  # (B, L, vocab)
+        hidden, last = self.recurrence(x, state)
+        logits = self.head(hidden)  # (B, L, vocab)
+        return {"logits": logits, "state": last} if return_state else logits
+
+    def init_cache(self, batch_size: int) -> torch.Tensor:
+        """Recurrent generation: the zero state (num_layers, B, H)."""
+        w = self.head.weight
+        return w.new_zeros(self.config.num_layers, batch_size, self.config.hidden_dim)
+
+    def step(self, cache: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per row: (logits (B, vocab), next state)."""
+        out = self.forward(token_ids.unsqueeze(1), state=cache, return_state=True)
+        assert isinstance(out, dict)
+        return out["logits"][:, 0], out["state"]

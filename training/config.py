@@ -163,6 +163,7 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 32
     grad_accum_steps: int = 1
+    tbptt_length: int = 0  # > 0: truncated BPTT over segments of this many tokens (recurrent-state models)
     lr: float = 3e-3
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -182,6 +183,7 @@ class TrainConfig:
         require(self.steps >= 1, "steps", self.steps, "an integer >= 1")
         require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         require(self.grad_accum_steps >= 1, "grad_accum_steps", self.grad_accum_steps, "an integer >= 1")
+        require(self.tbptt_length >= 0, "tbptt_length", self.tbptt_length, "an integer >= 0 (0 disables TBPTT)")
         require(self.lr > 0, "lr", self.lr, "a number > 0")
         require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
         require(all(0 <= b < 1 for b in self.betas), "betas", self.betas, "two numbers in [0, 1)")

@@ -93,11 +93,48 @@ def evaluate(model: nn.Module, task: Task, exp: ExperimentConfig, device: torch.
     return {f"{split}_loss": sum(losses) / len(losses), f"{split}_accuracy": sum(accs) / len(accs)}
 
 
+def detach_state(model: nn.Module, state: Any) -> Any:
+    """Cut the gradient at a TBPTT segment boundary: `model.detach_state` if defined, else detach every tensor."""
+    custom = getattr(model, "detach_state", None)
+    if callable(custom):
+        return custom(state)
+    if isinstance(state, torch.Tensor):
+        return state.detach()
+    if isinstance(state, Mapping):
+        return {k: detach_state(model, v) for k, v in state.items()}
+    if isinstance(state, (tuple, list)):
+        return type(state)(detach_state(model, v) for v in state)
+    return state
+
+
+def segment_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   length: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, float],
+                                                  float]]:
+    """[SCHED-2] Truncated BPTT: yield (loss, accuracy, aux, metrics, weight) per segment of `length` tokens.
+
+    The model's recurrent state is carried from segment to segment with its gradient cut; `weight` is the
+    segment's share of the batch's scored targets, so the weighted sum of segment losses is the full loss.
+    """
+    total = int((y != IGNORE_INDEX).sum().clamp_min(1))
+    state: Any = None
+    for start in range(0, x.shape[1], length):
+        xs, ys = x[:, start : start + length], y[:, start : start + length]
+        out = model(xs, state=state, return_state=True)
+        if not (isinstance(out, Mapping) and "state" in out):
+            raise ConfigError("train.tbptt_length > 0 needs a model whose forward(input_ids, state=None, "
+                              "return_state=True) returns a dict with 'state'; this model does not")
+        state = detach_state(model, out["state"])
+        logits, aux, extra = split_output(out)
+        loss, acc = loss_and_accuracy(logits, ys)
+        yield loss, acc, aux, extra, int((ys != IGNORE_INDEX).sum()) / total
+
+
 def forward_backward(model: nn.Module, task: Task, exp: ExperimentConfig, step: int,
                      device: torch.device) -> tuple[float, float, float, dict[str, float], bool]:
-    """Accumulate gradients over `train.grad_accum_steps` micro-batches (batch indices step·k … step·k + k − 1).
+    """Accumulate gradients over `train.grad_accum_steps` micro-batches (batch indices step·k … step·k + k − 1),
+    each split into truncated-BPTT segments when `train.tbptt_length` > 0.
 
-    Returns the mean total loss, task loss and accuracy, the model's extra metrics (of the last micro-batch),
+    Returns the mean total loss, task loss and accuracy, the model's extra metrics (of the last segment),
     and whether a loss was non-finite (then no gradient is accumulated for it or after it).
     """
     tc = exp.train
@@ -106,16 +143,24 @@ def forward_backward(model: nn.Module, task: Task, exp: ExperimentConfig, step: 
     extra: dict[str, float] = {}
     for j in range(k):
         x, y = task.batch("train", step * k + j, tc.batch_size, tc.seed)
-        logits, aux, extra = split_output(model(x.to(device)))
-        loss, acc = loss_and_accuracy(logits, y.to(device))
-        total = loss + aux if aux is not None else loss
-        value = float(total.detach())
-        if not math.isfinite(value):
-            return value, float(loss.detach()), float(acc), extra, True
-        (total / k).backward()
-        totals += value / k
-        losses += float(loss.detach()) / k
-        accs += float(acc) / k
+        x, y = x.to(device), y.to(device)
+        if tc.tbptt_length > 0:
+            parts = segment_losses(model, x, y, tc.tbptt_length)
+        else:
+            logits, aux0, extra0 = split_output(model(x))
+            loss0, acc0 = loss_and_accuracy(logits, y)
+            parts = iter([(loss0, acc0, aux0, extra0, 1.0)])
+        for loss, acc, aux, extra, weight in parts:
+            if weight == 0 and aux is None:
+                continue
+            total = loss * weight + (aux * weight if aux is not None else 0)
+            value = float(total.detach())
+            if not math.isfinite(value):
+                return value, float(loss.detach()), float(acc), extra, True
+            (total / k).backward()
+            totals += value / k
+            losses += float(loss.detach()) * weight / k
+            accs += float(acc) * weight / k
     return totals, losses, accs, extra, False
 
 
