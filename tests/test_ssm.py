@@ -1,0 +1,305 @@
+"""Selective scan: optimized (chunked / Triton / mamba-ssm) vs the literal reference, step form, causality, state
+carry-over, agreement with mamba-ssm's own reference, bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+import optimized.ssm as opt
+import reference.ssm as ref
+from optimized.kernels import triton_available, triton_interpreting
+from reference.validation import DTypeError, ShapeError
+from tests.causality import assert_causal
+from tests.equivalence import assert_close_scaled, assert_equivalent
+from tests.strategies import make_tensor, seeds
+from tests.tolerances import tolerance
+
+LAYOUTS = ("shared", "per_step", "grouped")
+# lengths around both chunk sizes (8 for float32, 16 for float64): L = 1, odd, not a multiple of the chunk
+LENGTHS = st.sampled_from([1, 2, 5, 7, 8, 9, 15, 16, 17, 23])
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    dim: int
+    n_state: int
+    length: int
+    b_layout: str
+    c_layout: str
+    groups: int
+    has_D: bool
+    has_z: bool
+    has_bias: bool
+    softplus: bool
+    last_state: bool
+    has_h0: bool
+    seed: int
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> Case:
+    groups = draw(st.sampled_from([1, 2]))
+    return Case(batch=draw(st.integers(1, 2)), dim=groups * draw(st.integers(1, 2)), n_state=draw(st.integers(1, 4)),
+                length=draw(LENGTHS), b_layout=draw(st.sampled_from(LAYOUTS)),
+                c_layout=draw(st.sampled_from(LAYOUTS)), groups=groups, has_D=draw(st.booleans()),
+                has_z=draw(st.booleans()), has_bias=draw(st.booleans()), softplus=draw(st.booleans()),
+                last_state=draw(st.booleans()), has_h0=draw(st.booleans()), seed=draw(seeds))
+
+
+def _matrix(case: Case, layout: str, seed: int) -> torch.Tensor:
+    shape = {"shared": (case.dim, case.n_state), "per_step": (case.batch, case.n_state, case.length),
+             "grouped": (case.batch, case.groups, case.n_state, case.length)}[layout]
+    return make_tensor(shape, seed)
+
+
+def _inputs(case: Case) -> tuple[torch.Tensor | None, ...]:
+    s, b, d, n, L = case.seed, case.batch, case.dim, case.n_state, case.length
+    u = make_tensor((b, d, L), s)
+    # raw delta goes through softplus; without it keep Δ >= 0 so that the recurrence decays
+    delta = make_tensor((b, d, L), s + 1) if case.softplus else make_tensor((b, d, L), s + 1).abs()
+    A = -(make_tensor((d, n), s + 2, distribution="uniform").abs() * 3 + 0.1)
+    return (u, delta, A, _matrix(case, case.b_layout, s + 3), _matrix(case, case.c_layout, s + 4),
+            make_tensor((d,), s + 5) if case.has_D else None, make_tensor((b, d, L), s + 6) if case.has_z else None,
+            make_tensor((d,), s + 7) * 0.5 if case.has_bias else None,
+            make_tensor((b, d, n), s + 8) if case.has_h0 else None)
+
+
+def _as_fn(impl: Any, case: Case) -> Callable[..., Any]:
+    def fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+           D: torch.Tensor | None, z: torch.Tensor | None, bias: torch.Tensor | None,
+           h0: torch.Tensor | None) -> Any:
+        return impl.selective_scan(u, delta, A, B, C, D, z, bias, case.softplus, case.last_state, initial_state=h0)
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------- equivalence
+
+@given(case=cases())
+def test_chunked_scan_matches_reference_in_float64(case: Case) -> None:
+    assert_equivalent(_as_fn(ref, case), _as_fn(opt, case), _inputs(case), dtype=torch.float64)
+
+
+@given(case=cases())
+def test_chunked_scan_in_float32_matches_float64_reference(case: Case) -> None:
+    # a scan is a long chain of ops: the MODEL tolerance (tests/tolerances.py) applies
+    assert_equivalent(_as_fn(ref, case), _as_fn(opt, case), _inputs(case), dtype=torch.float32, model=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_chunked_scan_is_stable_for_long_sequences_and_large_decays(dtype: torch.dtype) -> None:
+    L = 300
+    u = make_tensor((1, 3, L), 0)
+    delta = make_tensor((1, 3, L), 1, distribution="uniform").abs() * 40  # |Δ A| up to 800 per step
+    A = -(make_tensor((3, 4), 2, distribution="uniform").abs() * 20 + 0.01)
+    inputs = (u, delta, A, make_tensor((1, 4, L), 3), make_tensor((1, 4, L), 4))
+    expected = ref.selective_scan(*inputs)
+    u_, delta_, A_, B_, C_ = (x.to(dtype) for x in inputs)
+    got = opt.selective_scan(u_, delta_, A_, B_, C_)
+    assert isinstance(got, torch.Tensor) and isinstance(expected, torch.Tensor)
+    assert bool(torch.isfinite(got).all())
+    assert_close_scaled(got, expected, tolerance(dtype, model=True), f"long scan, {dtype}")
+
+
+def test_chunked_scan_keeps_slow_decay_over_many_chunks() -> None:
+    # Δ A ≈ −1e-3: the state must survive hundreds of chunk boundaries (a dropped carry fails here)
+    L = 400
+    u = torch.zeros(1, 1, L, dtype=torch.float64)
+    u[0, 0, 0] = 1.0
+    delta = torch.full((1, 1, L), 1e-2, dtype=torch.float64)
+    A = torch.full((1, 1), -0.1, dtype=torch.float64)
+    B = C = torch.ones(1, 1, dtype=torch.float64)
+    out = opt.selective_scan(u, delta, A, B, C)
+    assert isinstance(out, torch.Tensor)
+    expected = 1e-2 * torch.exp(-1e-3 * torch.arange(L, dtype=torch.float64))
+    torch.testing.assert_close(out[0, 0], expected, rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- step, state, causality
+
+@pytest.mark.parametrize("impl", [ref, opt], ids=["reference", "optimized"])
+@given(case=cases())
+def test_stepping_equals_the_full_scan(impl: Any, case: Case) -> None:
+    u, delta, A, B, C, D, z, bias, h0 = _inputs(case)
+    assert u is not None and delta is not None and A is not None and B is not None and C is not None
+    out, last = ref.selective_scan(u, delta, A, B, C, D, z, bias, case.softplus, True, initial_state=h0)
+    state = torch.zeros(case.batch, case.dim, case.n_state, dtype=torch.float64) if h0 is None else h0
+    # per-step matrices as (B, G, N) so that a square (B, N) is never read as the shared (D, N) layout
+    for t in range(case.length):
+        B_t = B if B.ndim == 2 else (B[:, None, :, t] if B.ndim == 3 else B[..., t])
+        C_t = C if C.ndim == 2 else (C[:, None, :, t] if C.ndim == 3 else C[..., t])
+        y_t, state = impl.selective_scan_step(state, u[:, :, t], delta[:, :, t], A, B_t, C_t, D,
+                                              None if z is None else z[:, :, t], bias, case.softplus)
+        torch.testing.assert_close(y_t, out[:, :, t], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state, last, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("impl", [ref, opt], ids=["reference", "optimized"])
+@given(case=cases(), split=st.integers(1, 22))
+def test_scanning_in_two_pieces_equals_one_scan(impl: Any, case: Case, split: int) -> None:
+    assume(case.length >= 2)
+    u, delta, A, B, C, D, z, bias, h0 = _inputs(case)
+    assert u is not None and delta is not None and A is not None and B is not None and C is not None
+    cut = 1 + split % (case.length - 1)
+
+    def piece(x: torch.Tensor | None, lo: int, hi: int | None) -> torch.Tensor | None:
+        return None if x is None or x.ndim == 2 else x[..., lo:hi]
+
+    def matrix(x: torch.Tensor, lo: int, hi: int | None) -> torch.Tensor:
+        return x if x.ndim == 2 else x[..., lo:hi]
+
+    out, last = impl.selective_scan(u, delta, A, B, C, D, z, bias, case.softplus, True, initial_state=h0)
+    out1, last1 = impl.selective_scan(piece(u, 0, cut), piece(delta, 0, cut), A, matrix(B, 0, cut),
+                                      matrix(C, 0, cut), D, piece(z, 0, cut), bias, case.softplus, True,
+                                      initial_state=h0)
+    out2, last2 = impl.selective_scan(piece(u, cut, None), piece(delta, cut, None), A, matrix(B, cut, None),
+                                      matrix(C, cut, None), D, piece(z, cut, None), bias, case.softplus, True,
+                                      initial_state=last1)
+    torch.testing.assert_close(torch.cat([out1, out2], dim=2), out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(last2, last, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("impl", [ref, opt], ids=["reference", "optimized"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_scan_is_causal(impl: Any, layout: str) -> None:
+    case = Case(batch=2, dim=2, n_state=3, length=19, b_layout=layout, c_layout=layout, groups=2, has_D=True,
+                has_z=True, has_bias=True, softplus=True, last_state=False, has_h0=False, seed=3)
+    _, _, A, B, C, D, _, bias, _ = _inputs(case)
+    stacked = make_tensor((3, 2, 2, 19), 9)  # u, delta, z stacked: (3, B, D, L)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return impl.selective_scan(x[0], x[1], A, B, C, D, x[2], bias, True)
+
+    # the chunked form measures log-decays from each chunk's middle step, so later steps of a chunk can move the
+    # rounding (never the value) of earlier outputs: 1e-12 is far below any real leak of a perturbed input
+    atol = 0.0 if impl is ref else 1e-12
+    for t in (1, 8, 11, 16):
+        assert_causal(fn, stacked, t, time_dim=3, out_time_dim=2, atol=atol)
+
+
+# ---------------------------------------------------------------------------------------------- dispatch, kernels
+
+def test_scan_dispatch_on_cpu_is_the_chunked_scan() -> None:
+    assert opt.scan_dispatch(torch.zeros(1, 1, 1)) == "torch-chunked"
+    assert opt.scan_dispatch(torch.zeros(1, 1, 1, dtype=torch.float64)) == "torch-chunked"
+
+
+needs_interpreter = pytest.mark.skipif(not (triton_available() and triton_interpreting()),
+                                       reason="Triton kernel test on CPU needs triton and TRITON_INTERPRET=1 "
+                                              "(tox sets it)")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("length", [1, 6, 9])
+def test_triton_kernel_matches_reference_in_the_interpreter(layout: str, length: int) -> None:
+    from optimized.kernels.selective_scan import selective_scan_triton
+
+    case = Case(batch=2, dim=2, n_state=3, length=length, b_layout=layout, c_layout=layout, groups=2, has_D=True,
+                has_z=True, has_bias=True, softplus=True, last_state=True, has_h0=True, seed=length)
+    inputs = _inputs(case)
+
+    def kernel(*args: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        u, delta, A, B, C, D, z, bias, h0 = args
+        assert u is not None and delta is not None and A is not None and B is not None and C is not None
+        return selective_scan_triton(u, delta, A, B, C, D, z, bias, True, h0, block_l=4)
+
+    assert_equivalent(_as_fn(ref, case), kernel, inputs, dtype=torch.float32, model=True, grad=False)
+
+
+@needs_interpreter
+def test_triton_autograd_wrapper_gradients_match_reference() -> None:
+    from optimized.kernels.selective_scan import selective_scan_triton_autograd
+
+    case = Case(batch=1, dim=2, n_state=2, length=5, b_layout="per_step", c_layout="grouped", groups=2,
+                has_D=True, has_z=True, has_bias=True, softplus=True, last_state=True, has_h0=True, seed=4)
+
+    def kernel(*args: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        u, delta, A, B, C, D, z, bias, h0 = args
+        assert u is not None and delta is not None and A is not None and B is not None and C is not None
+        return selective_scan_triton_autograd(u, delta, A, B, C, D, z, bias, True, h0)
+
+    assert_equivalent(_as_fn(ref, case), kernel, _inputs(case), dtype=torch.float32, model=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("force_triton", [False, True])
+def test_cuda_scan_matches_reference(dtype: torch.dtype, force_triton: bool) -> None:
+    from optimized.kernels.selective_scan import selective_scan_triton_autograd
+
+    case = Case(batch=2, dim=8, n_state=16, length=300, b_layout="per_step", c_layout="per_step", groups=1,
+                has_D=True, has_z=True, has_bias=True, softplus=True, last_state=False, has_h0=False, seed=0)
+
+    def triton_fn(*args: torch.Tensor | None) -> torch.Tensor:
+        u, delta, A, B, C, D, z, bias, _ = args
+        assert u is not None and delta is not None and A is not None and B is not None and C is not None
+        return selective_scan_triton_autograd(u, delta, A, B, C, D, z, bias, True, None)[0]
+
+    fn = triton_fn if force_triton else _as_fn(opt, case)
+    print(f"dispatch: {'triton (forced)' if force_triton else opt.scan_dispatch(torch.zeros(1, device='cuda'))}")
+    assert_equivalent(_as_fn(ref, case), fn, _inputs(case), dtype=dtype, model=True, device="cuda")
+
+
+def _mamba_selective_scan_ref() -> Callable[..., Any]:
+    if importlib.util.find_spec("selective_scan_cuda") is None:
+        pytest.skip("mamba-ssm not importable here: its CUDA extension selective_scan_cuda is missing "
+                    "(see ENVIRONMENT.md); our reference cannot be compared with its selective_scan_ref")
+    spec = importlib.util.find_spec("mamba_ssm")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("mamba_ssm is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "ops" / "selective_scan_interface.py"
+    file_spec = importlib.util.spec_from_file_location("_test_mamba_selective_scan", path)
+    assert file_spec is not None and file_spec.loader is not None
+    module = importlib.util.module_from_spec(file_spec)
+    file_spec.loader.exec_module(module)
+    return module.selective_scan_ref
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_reference_agrees_with_mamba_ssm_selective_scan_ref(layout: str) -> None:
+    mamba_ref = _mamba_selective_scan_ref()
+    case = Case(batch=2, dim=4, n_state=3, length=13, b_layout=layout, c_layout=layout, groups=2, has_D=True,
+                has_z=True, has_bias=True, softplus=True, last_state=True, has_h0=False, seed=11)
+    u, delta, A, B, C, D, z, bias = (x.float() for x in _inputs(case)[:8] if x is not None)
+    theirs = mamba_ref(u, delta, A, B, C, D, z, bias, delta_softplus=True, return_last_state=True)
+    ours = ref.selective_scan(u, delta, A, B, C, D, z, bias, delta_softplus=True, return_last_state=True)
+    for got, want in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("impl", [ref, opt], ids=["reference", "optimized"])
+def test_bad_scan_inputs_raise_errors_naming_the_argument(impl: Any) -> None:
+    u, delta, A = torch.zeros(2, 4, 5), torch.zeros(2, 4, 5), -torch.ones(4, 3)
+    B = C = torch.zeros(2, 3, 5)
+    with pytest.raises(ShapeError, match=r"selective_scan: u must have 3 dimensions \(B, D, L\)"):
+        impl.selective_scan(u[0], delta, A, B, C)
+    with pytest.raises(ShapeError, match=r"delta must have the shape of u"):
+        impl.selective_scan(u, delta[:, :, :4], A, B, C)
+    with pytest.raises(ShapeError, match=r"A.shape\[0\] must be 4"):
+        impl.selective_scan(u, delta, -torch.ones(3, 3), B, C)
+    with pytest.raises(ShapeError, match=r"B must have shape .*got \(2, 3, 3, 5\)"):
+        impl.selective_scan(u, delta, A, torch.zeros(2, 3, 3, 5), C)
+    with pytest.raises(ShapeError, match=r"C must have shape .*got \(2, 4, 5\)"):
+        impl.selective_scan(u, delta, A, B, torch.zeros(2, 4, 5))
+    with pytest.raises(ShapeError, match=r"initial_state must have shape \(B, D, N\) = \(2, 4, 3\)"):
+        impl.selective_scan(u, delta, A, B, C, initial_state=torch.zeros(2, 4, 2))
+    with pytest.raises(ShapeError, match=r"at least one time step"):
+        impl.selective_scan(u[..., :0], delta[..., :0], A, B[..., :0], C[..., :0])
+    with pytest.raises(DTypeError, match="u must be a floating-point tensor"):
+        impl.selective_scan(u.long(), delta, A, B, C)
+    with pytest.raises(ShapeError, match=r"delta_bias.shape\[0\] must be 4"):
+        impl.selective_scan(u, delta, A, B, C, delta_bias=torch.zeros(3))
+    with pytest.raises(ShapeError, match=r"selective_scan_step: state must have shape \(B, D, N\)"):
+        impl.selective_scan_step(torch.zeros(2, 4, 2), u[..., 0], delta[..., 0], A, B[..., 0], C[..., 0])
