@@ -4,6 +4,7 @@
     python scripts/train.py --impl optimized --config configs/needle_tiny.yaml --device auto --out runs/tiny
     python scripts/train.py --config configs/needle_tiny.yaml --out runs/tiny --resume   # continue a run
     python scripts/train.py --config configs/needle_tiny.yaml --set model.hidden_dim=256 --set train.lr=1e-3
+    torchrun --nproc-per-node 4 scripts/train.py --config configs/atlas_mag_small.yaml [--fsdp]   # DDP / FSDP2
 
 Writes `metrics.jsonl` (one line per step), `checkpoint.pt` (atomic, every `train.checkpoint_every` steps,
 at the end and on Ctrl-C/SIGTERM) and `summary.json` to `--out`, and prints the final task accuracy.
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from reference.validation import MemarchError
 from training.config import apply_overrides, load_experiment, load_yaml
 from training.device import resolve_device
+from training.distributed import init_distributed, shutdown
 from training.loop import train
 
 # Finishes on a 2-core laptop CPU in about a minute and reaches > 90% validation accuracy.
@@ -58,6 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     p.add_argument("--seed", type=int, default=None, help="override train.seed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard parameters with FSDP2 fully_shard instead of DDP")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set model.hidden_dim=256 (repeatable)")
     seed_flags = p.add_argument_group("seed-script aliases (shorthands for --set)")
@@ -88,12 +92,18 @@ def main(argv: list[str] | None = None) -> int:
         source = str(args.config) if args.config else "<embedded default>"
         exp = load_experiment(apply_overrides(raw, overrides_from(args)), seed=args.seed, source=source)
         out = args.out or args.output_dir or Path("runs") / (args.config.stem if args.config else "default")
-        device = resolve_device(args.device)
-        summary = train(exp, impl=args.impl, device=device, out_dir=out, max_steps=args.max_steps,
-                        resume=args.resume, progress=not args.no_progress)
+        dist, device_name = init_distributed(args.device, fsdp=args.fsdp)
+        device = resolve_device(device_name)
+        try:
+            summary = train(exp, impl=args.impl, device=device, out_dir=out, max_steps=args.max_steps,
+                            resume=args.resume, progress=not args.no_progress, dist=dist)
+        finally:
+            shutdown(dist)
     except MemarchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if not dist.is_main:
+        return 0
     short = {k: summary[k] for k in ("status", "steps", "impl", "device", "model", "final_loss",
                                      "val_loss", "val_accuracy", "wall_time_s") if k in summary}
     print(json.dumps(short, indent=2))

@@ -164,6 +164,8 @@ class TrainConfig:
     batch_size: int = 32
     grad_accum_steps: int = 1
     tbptt_length: int = 0  # > 0: truncated BPTT over segments of this many tokens (recurrent-state models)
+    dtype: Literal["float32", "float64"] = "float32"  # parameter dtype (float64 for exactness checks)
+    autocast: Literal["none", "bf16"] = "none"  # bf16 autocast for the forward pass (GPU mixed precision)
     lr: float = 3e-3
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +35,24 @@ from training.checkpoint import (
     set_rng_state,
 )
 from training.config import ExperimentConfig
+from training.distributed import (
+    SINGLE,
+    DistInfo,
+    any_rank,
+    barrier,
+    full_state,
+    global_count,
+    load_full_state,
+    shard_rows,
+    unwrap,
+    wrap_model,
+)
 from training.probes import run_probes
 from training.registry import Task, build_model, get_task_spec, model_name_of, task_name_of
 from training.schedules import lr_factor
 from training.tasks.needle import IGNORE_INDEX
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 log = logging.getLogger(__name__)
 
@@ -129,39 +143,72 @@ def segment_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         yield loss, acc, aux, extra, int((ys != IGNORE_INDEX).sum()) / total
 
 
-def forward_backward(model: nn.Module, task: Task, exp: ExperimentConfig, step: int,
-                     device: torch.device) -> tuple[float, float, float, dict[str, float], bool]:
+def forward_backward(model: nn.Module, task: Task, exp: ExperimentConfig, step: int, device: torch.device,
+                     info: DistInfo = SINGLE) -> tuple[float, float, float, dict[str, float], bool]:
     """Accumulate gradients over `train.grad_accum_steps` micro-batches (batch indices step·k … step·k + k − 1),
     each split into truncated-BPTT segments when `train.tbptt_length` > 0.
 
-    Returns the mean total loss, task loss and accuracy, the model's extra metrics (of the last segment),
-    and whether a loss was non-finite (then no gradient is accumulated for it or after it).
+    Under torch.distributed each rank takes its slice of every global batch and scales its loss by
+    (its scored targets × world size / all scored targets), so the averaged gradient is the global-batch mean;
+    gradient sync is skipped on all but the last micro-batch. Returns the global mean total loss, task loss and
+    accuracy, the model's extra metrics (this rank, last segment), and whether any rank saw a non-finite loss
+    (then no rank back-propagates it).
     """
     tc = exp.train
     k = tc.grad_accum_steps
-    totals, losses, accs = 0.0, 0.0, 0.0
+    sums = torch.zeros(3, dtype=torch.float64)  # total, task loss, accuracy (weighted, this rank)
     extra: dict[str, float] = {}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.autocast == "bf16")
     for j in range(k):
         x, y = task.batch("train", step * k + j, tc.batch_size, tc.seed)
-        x, y = x.to(device), y.to(device)
-        if tc.tbptt_length > 0:
-            parts = segment_losses(model, x, y, tc.tbptt_length)
-        else:
-            logits, aux0, extra0 = split_output(model(x))
-            loss0, acc0 = loss_and_accuracy(logits, y)
-            parts = iter([(loss0, acc0, aux0, extra0, 1.0)])
-        for loss, acc, aux, extra, weight in parts:
-            if weight == 0 and aux is None:
-                continue
-            total = loss * weight + (aux * weight if aux is not None else 0)
-            value = float(total.detach())
-            if not math.isfinite(value):
-                return value, float(loss.detach()), float(acc), extra, True
-            (total / k).backward()
-            totals += value / k
-            losses += float(loss.detach()) * weight / k
-            accs += float(acc) * weight / k
-    return totals, losses, accs, extra, False
+        x, y = shard_rows(x, info).to(device), shard_rows(y, info).to(device)
+        local = int((y != IGNORE_INDEX).sum())
+        scale = local * info.world_size / max(1, global_count(local, info, device))
+        with sync_context(model, info, sync=j == k - 1), autocast:
+            if tc.tbptt_length > 0:
+                parts = segment_losses(model, x, y, tc.tbptt_length)
+            else:
+                logits, aux0, extra0 = split_output(model(x))
+                loss0, acc0 = loss_and_accuracy(logits, y)
+                parts = iter([(loss0, acc0, aux0, extra0, 1.0)])
+            for loss, acc, aux, extra, weight in parts:
+                if weight == 0 and aux is None:
+                    continue
+                total = (loss * weight + (aux * weight if aux is not None else 0)) * scale
+                if any_rank(not math.isfinite(float(total.detach())), info, device):
+                    return float("nan"), float("nan"), float(acc), extra, True
+                (total / k).backward()
+                sums += torch.tensor([float(total.detach()), float(loss.detach()) * weight * scale,
+                                      float(acc) * weight * scale], dtype=torch.float64) / k
+    mean = all_mean(sums, info, device)
+    return float(mean[0]), float(mean[1]), float(mean[2]), extra, False
+
+
+@contextmanager
+def sync_context(model: nn.Module, info: DistInfo, *, sync: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce on accumulation micro-batches (DDP `no_sync`, FSDP2 requires_gradient_sync)."""
+    if sync or not info.enabled:
+        yield
+        return
+    if info.fsdp:
+        set_sync = cast(Any, model).set_requires_gradient_sync
+        set_sync(False)
+        try:
+            yield
+        finally:
+            set_sync(True)
+        return
+    with cast(Any, model).no_sync():
+        yield
+
+
+def all_mean(values: torch.Tensor, info: DistInfo, device: torch.device) -> torch.Tensor:
+    """Mean of a small float64 vector over ranks (one all-reduce)."""
+    if not info.enabled:
+        return values
+    t = values.to(device)
+    torch.distributed.all_reduce(t)
+    return (t / info.world_size).cpu()
 
 
 class _StopFlag:
@@ -204,53 +251,65 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def train(exp: ExperimentConfig, *, impl: str, device: torch.device, out_dir: str | Path,
-          max_steps: int | None = None, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+          max_steps: int | None = None, resume: bool = False, progress: bool = True,
+          dist: DistInfo = SINGLE) -> dict[str, Any]:
     """Train `exp` and return the summary (also written to `out_dir/summary.json`).
 
     `max_steps` stops early (at that global step) without changing the schedule; `resume` continues from
-    `out_dir/checkpoint.pt`.
+    `out_dir/checkpoint.pt`. Under torch.distributed (`dist`), rank 0 alone logs, shows progress and writes
+    files; checkpoints hold the gathered single-process state.
     """
     if max_steps is not None and max_steps < 0:
         raise ConfigError(f"--max-steps must be >= 0, got {max_steps}")
+    main = dist.is_main
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     ckpt_path, metrics_path = out / CHECKPOINT_NAME, out / METRICS_NAME
     tc = exp.train
     torch.manual_seed(tc.seed)
     task = get_task_spec(task_name_of(exp.task)).build(exp.task)
-    model = build_model(exp.model, impl).to(device)
+    core = build_model(exp.model, impl).to(device=device, dtype=DTYPES[tc.dtype])
+    config_dict = exp.as_dict()
+    state: dict[str, Any] | None = None
+    if resume:
+        state = load_checkpoint(ckpt_path)
+        if state.get("config") != config_dict:
+            raise ConfigError(f"--resume: the config differs from the one {ckpt_path} was trained with; "
+                              f"resume with the same config (saved: {state.get('config')})")
+        load_model_weights(core, state, model_name_of(exp.model))
+    model = wrap_model(core, dist, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
 
     def factor(step: int) -> float:
         return lr_factor(step, total=tc.steps, warmup=tc.warmup_steps, kind=tc.schedule, min_ratio=tc.min_lr_ratio)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    config_dict = exp.as_dict()
     start, skipped, elapsed_before = 0, 0, 0.0
-    if resume:
-        state = load_checkpoint(ckpt_path)
-        if state.get("config") != config_dict:
-            raise ConfigError(f"--resume: the config differs from the one {ckpt_path} was trained with; "
-                              f"resume with the same config (saved: {state.get('config')})")
-        load_model_weights(model, state, model_name_of(exp.model))
-        optimizer.load_state_dict(state["optimizer"])
+    if state is not None:
+        load_full_state(model, optimizer, state["model"], state["optimizer"], dist)
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start, skipped = int(state["step"]), int(state["skipped_steps"])
         elapsed_before = float(state.get("wall_time_s", 0.0))
-        _truncate_metrics(metrics_path, start)
+        if main:
+            _truncate_metrics(metrics_path, start)
         log.info("resumed from %s at step %d", ckpt_path, start)
-    elif metrics_path.exists():
+    elif main and metrics_path.exists():
         metrics_path.unlink()
     stop_at = tc.steps if max_steps is None else min(tc.steps, max_steps)
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(ckpt_path, {
-            "format": FORMAT, "model_name": model_name_of(exp.model), "config_hash": config_hash(config_dict),
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": rng_state(), "step": step, "skipped_steps": skipped, "config": config_dict,
-            "impl": impl, "wall_time_s": elapsed_before + time.perf_counter() - t0,
-        })
+        model_state, optim_state = full_state(model, optimizer, dist)
+        if main:
+            save_checkpoint(ckpt_path, {
+                "format": FORMAT, "model_name": model_name_of(exp.model), "config_hash": config_hash(config_dict),
+                "model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                "rng": rng_state(), "step": step, "skipped_steps": skipped, "config": config_dict,
+                "impl": impl, "wall_time_s": elapsed_before + time.perf_counter() - t0,
+                "world_size": dist.world_size,
+            })
+        barrier(dist)
 
     flag = _StopFlag()
     t0 = time.perf_counter()
@@ -261,15 +320,17 @@ def train(exp: ExperimentConfig, *, impl: str, device: torch.device, out_dir: st
     evals: dict[str, float] = {}
     status = "completed"
     interactive = sys.stderr.isatty()
-    bar = tqdm(total=stop_at, initial=start, disable=not progress, desc=f"{model_name_of(exp.model)}[{impl}]",
-               dynamic_ncols=True, mininterval=0.1 if interactive else 30.0)
-    with _catch_signals(flag), metrics_path.open("a") as metrics_file:
+    bar = tqdm(total=stop_at, initial=start, disable=not (progress and main),
+               desc=f"{model_name_of(exp.model)}[{impl}]", dynamic_ncols=True,
+               mininterval=0.1 if interactive else 30.0)
+    metrics_file = metrics_path.open("a") if main else None
+    with _catch_signals(flag):
         while step < stop_at:
-            on_step = getattr(model, "on_step", None)
+            on_step = getattr(core, "on_step", None)
             if callable(on_step):  # schedules inside the model (gate floors, λ(t), mem_scale, …)
                 on_step(step, tc.steps)
             optimizer.zero_grad(set_to_none=True)
-            total, loss, acc, extra, bad = forward_backward(model, task, exp, step, device)
+            total, loss, acc, extra, bad = forward_backward(model, task, exp, step, device, dist)
             grad_norm = float("nan")
             if not bad:
                 max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
@@ -283,6 +344,8 @@ def train(exp: ExperimentConfig, *, impl: str, device: torch.device, out_dir: st
                             step, consecutive_bad)
                 if consecutive_bad >= tc.max_bad_steps:
                     bar.close()
+                    if metrics_file is not None:
+                        metrics_file.close()
                     raise TrainingError(
                         f"{consecutive_bad} consecutive steps had a non-finite loss or gradient (step {step}); "
                         f"stopping. The last good checkpoint is {ckpt_path}. Lower train.lr or train.grad_clip.")
@@ -298,34 +361,40 @@ def train(exp: ExperimentConfig, *, impl: str, device: torch.device, out_dir: st
             record: dict[str, Any] = {"step": step, **last, "skipped": bad}
             if step % tc.eval_every == 0 or step == stop_at:
                 evals = evaluate(model, task, exp, device)
-                evals.update(run_probes(tc.probes, model, exp, device))
+                evals.update(run_probes(tc.probes, unwrap(model), exp, device))
                 record.update(evals)
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
             bar.update(1)
             postfix = {"loss": f"{last['loss']:.4f}", "acc": f"{last['accuracy']:.3f}"}
             if evals:
                 postfix["val_acc"] = f"{evals['val_accuracy']:.3f}"
             bar.set_postfix(postfix)
-            if step % tc.checkpoint_every == 0 or step == stop_at:
+            stop_now = any_rank(flag.signal is not None, dist, device)
+            if step % tc.checkpoint_every == 0 or step == stop_at or stop_now:
                 checkpoint(step)
-            if flag.signal is not None:
-                checkpoint(step)
-                status = f"interrupted ({signal.Signals(flag.signal).name})"
+            if stop_now:
+                name = signal.Signals(flag.signal).name if flag.signal is not None else "signal on another rank"
+                status = f"interrupted ({name})"
                 break
     bar.close()
+    if metrics_file is not None:
+        metrics_file.close()
     if status == "completed" and stop_at < tc.steps:
         status = "stopped at --max-steps"
     if start == stop_at and not evals:
         evals = evaluate(model, task, exp, device)
-        evals.update(run_probes(tc.probes, model, exp, device))
+        evals.update(run_probes(tc.probes, unwrap(model), exp, device))
     wall = elapsed_before + time.perf_counter() - t0
     summary: dict[str, Any] = {
         "status": status, "steps": step, "planned_steps": tc.steps, "impl": impl, "device": str(device),
         "model": model_name_of(exp.model), "task": task_name_of(exp.task),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": sum(p.numel() for p in core.parameters()) * (dist.world_size if dist.fsdp else 1),
         "first_loss": first_loss, "final_loss": last.get("loss"), "final_train_accuracy": last.get("accuracy"),
-        **evals, "skipped_steps": skipped, "wall_time_s": wall, "config": config_dict, "source": exp.source,
+        **evals, "skipped_steps": skipped, "wall_time_s": wall, "world_size": dist.world_size,
+        "config": config_dict, "source": exp.source,
     }
-    (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
+    if main:
+        (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
     return summary
