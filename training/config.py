@@ -166,6 +166,9 @@ class TrainConfig:
     tbptt_length: int = 0  # > 0: truncated BPTT over segments of this many tokens (recurrent-state models)
     dtype: Literal["float32", "float64"] = "float32"  # parameter dtype (float64 for exactness checks)
     autocast: Literal["none", "bf16"] = "none"  # bf16 autocast for the forward pass (GPU mixed precision)
+    loss: Literal["cross_entropy", "stablemax"] = "cross_entropy"  # StableMax: Prieto et al. 2025
+    perp_grad: bool = False  # ⊥Grad: project gradients orthogonal to the weights before clipping
+    perp_grad_min_dim: int = 2
     lr: float = 3e-3
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -198,6 +201,7 @@ class TrainConfig:
         require(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "an integer >= 1")
         require(self.seed >= 0, "seed", self.seed, "an integer >= 0")
         require(self.max_bad_steps >= 1, "max_bad_steps", self.max_bad_steps, "an integer >= 1")
+        require(self.perp_grad_min_dim >= 1, "perp_grad_min_dim", self.perp_grad_min_dim, "an integer >= 1")
         from training.probes import PROBES
 
         unknown = [p for p in self.probes if p not in PROBES]
@@ -212,18 +216,22 @@ class ExperimentConfig:
     task: Any
     train: TrainConfig = field(default_factory=TrainConfig)
     source: str = "<dict>"
+    episodic: Any = None  # training.episodic.EpisodicConfig when the experiment trains episodically
 
     def as_dict(self) -> dict[str, Any]:
         from training.registry import model_name_of, task_name_of
 
-        return {
+        out = {
             "model": {"name": model_name_of(self.model), **to_dict(self.model)},
             "task": {"name": task_name_of(self.task), **to_dict(self.task)},
             "train": to_dict(self.train),
         }
+        if self.episodic is not None:
+            out["episodic"] = to_dict(self.episodic)
+        return out
 
 
-SECTIONS = ("model", "task", "train")
+SECTIONS = ("model", "task", "train", "episodic")
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -283,9 +291,14 @@ def load_experiment(config: str | Path | Mapping[str, Any], *, seed: int | None 
         if seed is not None:
             train_data["seed"] = seed
         train_cfg = from_mapping(TrainConfig, train_data, where="train")
+        episodic = None
+        if data.get("episodic") is not None:
+            from training.episodic import EpisodicConfig
+
+            episodic = from_mapping(EpisodicConfig, data["episodic"], where="episodic")
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    return ExperimentConfig(model=model_cfg, task=task_cfg, train=train_cfg, source=source)
+    return ExperimentConfig(model=model_cfg, task=task_cfg, train=train_cfg, source=source, episodic=episodic)
 
 
 def _pop_name(section: Any, what: str) -> str:

@@ -75,8 +75,14 @@ def split_output(out: Any) -> tuple[torch.Tensor, torch.Tensor | None, dict[str,
     raise TypeError(f"model output must be a logits tensor or a mapping with 'logits', got {type(out).__name__}")
 
 
-def loss_and_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy and accuracy over positions whose target is not IGNORE_INDEX."""
+def loss_and_accuracy(logits: torch.Tensor, targets: torch.Tensor,
+                      kind: str = "cross_entropy") -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy (or StableMax cross-entropy, `kind="stablemax"`) and accuracy over positions whose
+    target is not IGNORE_INDEX."""
+    if kind != "cross_entropy":
+        from training.optim import task_loss
+
+        return task_loss(logits, targets, kind)
     V = logits.shape[-1]
     flat_logits = logits.reshape(-1, V)
     if flat_logits.dtype in (torch.float16, torch.bfloat16):
@@ -100,7 +106,7 @@ def evaluate(model: nn.Module, task: Task, exp: ExperimentConfig, device: torch.
     for i in range(exp.train.eval_batches):
         x, y = task.batch(split, i, bs, exp.train.seed)
         logits, _, _ = split_output(model(x.to(device)))
-        loss, acc = loss_and_accuracy(logits, y.to(device))
+        loss, acc = loss_and_accuracy(logits, y.to(device), exp.train.loss)
         losses.append(float(loss))
         accs.append(float(acc))
     model.train(was_training)
@@ -121,9 +127,11 @@ def detach_state(model: nn.Module, state: Any) -> Any:
     return state
 
 
-def segment_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                   length: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, float],
-                                                  float]]:
+Segment = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, float], float]
+
+
+def segment_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, length: int,
+                   loss_kind: str = "cross_entropy") -> Iterator[Segment]:
     """[SCHED-2] Truncated BPTT: yield (loss, accuracy, aux, metrics, weight) per segment of `length` tokens.
 
     The model's recurrent state is carried from segment to segment with its gradient cut; `weight` is the
@@ -139,7 +147,7 @@ def segment_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                               "return_state=True) returns a dict with 'state'; this model does not")
         state = detach_state(model, out["state"])
         logits, aux, extra = split_output(out)
-        loss, acc = loss_and_accuracy(logits, ys)
+        loss, acc = loss_and_accuracy(logits, ys, loss_kind)
         yield loss, acc, aux, extra, int((ys != IGNORE_INDEX).sum()) / total
 
 
@@ -166,10 +174,10 @@ def forward_backward(model: nn.Module, task: Task, exp: ExperimentConfig, step: 
         scale = local * info.world_size / max(1, global_count(local, info, device))
         with sync_context(model, info, sync=j == k - 1), autocast:
             if tc.tbptt_length > 0:
-                parts = segment_losses(model, x, y, tc.tbptt_length)
+                parts = segment_losses(model, x, y, tc.tbptt_length, tc.loss)
             else:
                 logits, aux0, extra0 = split_output(model(x))
-                loss0, acc0 = loss_and_accuracy(logits, y)
+                loss0, acc0 = loss_and_accuracy(logits, y, tc.loss)
                 parts = iter([(loss0, acc0, aux0, extra0, 1.0)])
             for loss, acc, aux, extra, weight in parts:
                 if weight == 0 and aux is None:
@@ -261,6 +269,13 @@ def train(exp: ExperimentConfig, *, impl: str, device: torch.device, out_dir: st
     """
     if max_steps is not None and max_steps < 0:
         raise ConfigError(f"--max-steps must be >= 0, got {max_steps}")
+    if exp.episodic is not None:
+        if dist.enabled:
+            raise ConfigError("episodic training runs in one process; launch it without torchrun")
+        from training.episodic import train_episodic
+
+        return train_episodic(exp, exp.episodic, impl=impl, device=device, out_dir=out_dir, max_steps=max_steps,
+                              resume=resume, progress=progress)
     main = dist.is_main
     out = Path(out_dir)
     if main:
@@ -333,6 +348,10 @@ def train(exp: ExperimentConfig, *, impl: str, device: torch.device, out_dir: st
             total, loss, acc, extra, bad = forward_backward(model, task, exp, step, device, dist)
             grad_norm = float("nan")
             if not bad:
+                if tc.perp_grad:
+                    from training.optim import apply_perp_grad_
+
+                    apply_perp_grad_(model.parameters(), min_dim=tc.perp_grad_min_dim)
                 max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
                 bad = not math.isfinite(grad_norm)

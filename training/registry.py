@@ -74,12 +74,19 @@ class TaskSpec:
 
 
 MODELS: dict[str, ModelSpec] = {
+    "atlas_omega": ModelSpec("atlas_omega", "reference.atlas_omega:AtlasOmegaConfig",
+                             "reference.atlas_omega:AtlasOmega", "optimized.atlas_omega:AtlasOmega"),
     "gru": ModelSpec("gru", "reference.gru:GRUConfig", "reference.gru:GRUModel", "optimized.gru:GRUModel"),
     "atlas_mag": ModelSpec("atlas_mag", "reference.atlas_mag:AtlasMAGConfig", "reference.atlas_mag:AtlasMAG",
                            "optimized.atlas_mag:AtlasMAG"),
 }
 
 TASKS: dict[str, TaskSpec] = {
+    "modular": TaskSpec("modular", "training.tasks.modular:ModularConfig", "training.tasks.modular:ModularTask"),
+    "masked_words": TaskSpec("masked_words", "training.tasks.masked_words:MaskedWordsConfig",
+                             "training.tasks.masked_words:MaskedWordsTask"),
+    "multitask": TaskSpec("multitask", "training.tasks.multitask:MultiTaskConfig",
+                          "training.tasks.multitask:MultiTask"),
     "needle": TaskSpec("needle", "training.tasks.needle:NeedleConfig", "training.tasks.needle:NeedleTask"),
     "text": TaskSpec("text", "training.tasks.text:TextConfig", "training.tasks.text:TextTask"),
     "smollm": TaskSpec("smollm", "training.tasks.smollm:SmolLMConfig", "training.tasks.smollm:SmolLMTask"),
