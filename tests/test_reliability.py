@@ -91,8 +91,9 @@ def poison(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int] | None = None, a
     real = training.loop.loss_and_accuracy
     calls = {"n": 0}
 
-    def poisoned(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loss, acc = real(logits, targets)
+    def poisoned(logits: torch.Tensor, targets: torch.Tensor,
+                 kind: str = "cross_entropy") -> tuple[torch.Tensor, torch.Tensor]:
+        loss, acc = real(logits, targets, kind)
         if logits.requires_grad:  # training calls only
             calls["n"] += 1
             if (bad_calls and calls["n"] in bad_calls) or (after is not None and calls["n"] > after):

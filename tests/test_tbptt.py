@@ -47,7 +47,7 @@ def test_tbptt_segment_losses_sum_to_the_full_loss(seed: int, length: int) -> No
     parts = list(segment_losses(model, x, y, length))
     assert len(parts) == -(-9 // length)
     weighted = sum(float(loss.detach()) * w for loss, _, _, _, w in parts if w > 0)
-    assert weighted == pytest.approx(float(full), rel=1e-12)
+    assert weighted == pytest.approx(float(full.detach()), rel=1e-12)
 
 
 def test_tbptt_cuts_the_gradient_at_segment_boundaries() -> None:

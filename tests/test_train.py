@@ -67,8 +67,9 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path: Path, monkeyp
     real = training.loop.loss_and_accuracy
     calls = {"n": 0}
 
-    def poisoned(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loss, acc = real(logits, targets)
+    def poisoned(logits: torch.Tensor, targets: torch.Tensor,
+                 kind: str = "cross_entropy") -> tuple[torch.Tensor, torch.Tensor]:
+        loss, acc = real(logits, targets, kind)
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] > 5 else loss), acc  # steps 1-5 fine, then every loss NaN
 
