@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"model throughput: all or one of {', '.join(registered_models())}")
     parser.add_argument("--seq-lens", type=int, nargs="+", default=None, help="sequence lengths for --model")
     parser.add_argument("--batch-size", type=int, default=None, help="batch size for --model")
+    parser.add_argument("--no-compile", action="store_true", help="--model: skip the torch.compile rows")
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
     parser.add_argument("--quick", action="store_true", help="small sizes (for tests and smoke runs)")
     parser.add_argument("--repeat", type=int, default=10, help="timed repetitions (median reported)")
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"choose one of: all, {', '.join(registered_models())}")
     device = resolve_device(args.device)
     bench_args = BenchArgs(device=device, quick=args.quick, repeat=args.repeat,
-                           extra={"seq_lens": args.seq_lens, "batch_size": args.batch_size})
+                           extra={"seq_lens": args.seq_lens, "batch_size": args.batch_size,
+                                  "no_compile": args.no_compile})
     machine = (f"{platform.machine()} {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
                f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"# memarch bench on {machine}")

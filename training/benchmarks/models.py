@@ -92,7 +92,8 @@ def bench_models(names: Sequence[str], args: BenchArgs) -> list[BenchRow]:
     rows: list[BenchRow] = []
     for name in names:
         rows.extend(bench_model(name, args, seq_lens=seq_lens, batch_size=args.extra.get("batch_size") or batch,
-                                compile_modes=(False,) if args.quick else (False, True)))
+                                compile_modes=(False,) if args.quick or args.extra.get("no_compile")
+                                else (False, True)))
     return rows
 
 
