@@ -79,6 +79,7 @@ MODELS: dict[str, ModelSpec] = {
     "gru": ModelSpec("gru", "reference.gru:GRUConfig", "reference.gru:GRUModel", "optimized.gru:GRUModel"),
     "atlas_mag": ModelSpec("atlas_mag", "reference.atlas_mag:AtlasMAGConfig", "reference.atlas_mag:AtlasMAG",
                            "optimized.atlas_mag:AtlasMAG"),
+    "hamt": ModelSpec("hamt", "reference.hamt:HAMTConfig", "reference.hamt:HAMT", "optimized.hamt:HAMT"),
 }
 
 TASKS: dict[str, TaskSpec] = {
