@@ -80,6 +80,8 @@ MODELS: dict[str, ModelSpec] = {
     "atlas_mag": ModelSpec("atlas_mag", "reference.atlas_mag:AtlasMAGConfig", "reference.atlas_mag:AtlasMAG",
                            "optimized.atlas_mag:AtlasMAG"),
     "hamt": ModelSpec("hamt", "reference.hamt:HAMTConfig", "reference.hamt:HAMT", "optimized.hamt:HAMT"),
+    "unified": ModelSpec("unified", "reference.unified:UnifiedConfig", "reference.unified:UnifiedMambaHopfieldDEQ",
+                         "optimized.unified:UnifiedMambaHopfieldDEQ"),
     "emma_liquid": ModelSpec("emma_liquid", "reference.emma:EMMAConfig", "reference.emma:EMMA", "optimized.emma:EMMA"),
 }
 
