@@ -100,3 +100,17 @@ def test_gru_generation_with_carried_state_equals_recomputing_the_prefix(cls: ty
     a = generate(model, prompt, 6, temperature=1.0, seed=5)
     b = generate(Plain(model), prompt, 6, temperature=1.0, seed=5)
     assert torch.equal(a, b)
+
+
+def test_tbptt_segments_without_scored_targets_keep_the_loss_finite(tmp_path: Path) -> None:
+    """Needle task: only the last positions are scored, so the first TBPTT segments have no targets; a model
+    with an auxiliary loss (HAMT) must still train with finite losses (the empty segment's mean is not used)."""
+    exp = load_experiment({"model": {"name": "hamt", "hidden_dim": 16, "hcm_dim": 32, "num_layers": 1,
+                                     "num_slots": 2, "max_seq_len": 64, "aux_loss_weight": 0.05},
+                           "task": {"name": "needle", "n_needles": 2, "seq_len": 24, "num_keys": 8,
+                                    "num_values": 8, "num_filler": 8},
+                           "train": {"steps": 4, "batch_size": 4, "lr": 1e-3, "tbptt_length": 8,
+                                     "eval_every": 4, "eval_batches": 1, "max_bad_steps": 1}})
+    summary = train(exp, impl="optimized", device=torch.device("cpu"), out_dir=tmp_path, progress=False)
+    assert summary["skipped_steps"] == 0
+    assert torch.isfinite(torch.tensor(summary["final_loss"]))

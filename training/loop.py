@@ -136,6 +136,9 @@ def segment_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, length: i
 
     The model's recurrent state is carried from segment to segment with its gradient cut; `weight` is the
     segment's share of the batch's scored targets, so the weighted sum of segment losses is the full loss.
+    A segment with no scored targets has weight 0 (its mean loss is undefined and is not used). The auxiliary
+    loss is yielded already weighted by the segment's share of the sequence length, so the segment auxiliary
+    losses sum to the full sequence's (token-mean) auxiliary loss.
     """
     total = int((y != IGNORE_INDEX).sum().clamp_min(1))
     state: Any = None
@@ -148,6 +151,8 @@ def segment_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, length: i
         state = detach_state(model, out["state"])
         logits, aux, extra = split_output(out)
         loss, acc = loss_and_accuracy(logits, ys, loss_kind)
+        if aux is not None:
+            aux = aux * (xs.shape[1] / x.shape[1])
         yield loss, acc, aux, extra, int((ys != IGNORE_INDEX).sum()) / total
 
 
@@ -182,12 +187,17 @@ def forward_backward(model: nn.Module, task: Task, exp: ExperimentConfig, step: 
             for loss, acc, aux, extra, weight in parts:
                 if weight == 0 and aux is None:
                     continue
-                total = (loss * weight + (aux * weight if aux is not None else 0)) * scale
+                # aux arrives weighted (whole sequence: weight 1); a segment without scored targets has an
+                # undefined (NaN) mean loss and weight 0, so only its auxiliary loss is used
+                task_part = loss * weight if weight > 0 else loss.new_zeros(())
+                total = (task_part + (aux if aux is not None else 0)) * scale
                 if any_rank(not math.isfinite(float(total.detach())), info, device):
                     return float("nan"), float("nan"), float(acc), extra, True
                 (total / k).backward()
-                sums += torch.tensor([float(total.detach()), float(loss.detach()) * weight * scale,
-                                      float(acc) * weight * scale], dtype=torch.float64) / k
+                if weight > 0:
+                    sums += torch.tensor([0.0, float(loss.detach()) * weight * scale,
+                                          float(acc) * weight * scale], dtype=torch.float64) / k
+                sums[0] += float(total.detach()) / k
     mean = all_mean(sums, info, device)
     return float(mean[0]), float(mean[1]), float(mean[2]), extra, False
 
