@@ -5,8 +5,11 @@ Usage::
     assert_equivalent(reference.vsa.bind, optimized.vsa.bind, (a, b), dtype=torch.float32)
     assert_modules_equivalent(ref_model, opt_model, (input_ids,), dtype=torch.float32)
 
-Floating inputs are cast to float64 for the reference and to `dtype` for the optimized call; integer and
-boolean inputs pass unchanged. Every floating output is compared elementwise with
+Floating inputs are cast to `dtype` for the optimized call and to float64 *after rounding through `dtype`* for
+the reference (modules: the reference's parameters are rounded the same way), so both sides compute on the same
+values and the comparison measures the optimized computation's error, not how sensitive the function is to
+rounding its inputs (a sharply peaked softmax over bf16-rounded scores can move by far more than any
+implementation error); integer and boolean inputs pass unchanged. Every floating output is compared elementwise with
 `|opt - ref| <= atol * max(1, max|ref|) + rtol * |ref|` using the per-dtype tolerances of
 `tests/tolerances.py`; integer/bool outputs must be equal. Gradients: both sides back-propagate the same
 seeded random cotangent for every floating output, and the gradients of every floating input (and, for
@@ -100,7 +103,7 @@ def assert_equivalent(ref_fn: Callable[..., Any], opt_fn: Callable[..., Any], in
     """Assert `opt_fn(*inputs)` in `dtype` matches `ref_fn(*inputs)` in float64, outputs and input gradients."""
     kw = dict(kwargs or {})
     tol = tolerance(dtype, model=model)
-    ref_in = _cast(tuple(inputs), torch.float64, grad)
+    ref_in = _cast(_cast(tuple(inputs), dtype, False), torch.float64, grad)
     opt_in = _cast(tuple(inputs), dtype, grad)
     opt_in = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in opt_in)
     if grad:
@@ -148,7 +151,7 @@ def assert_modules_equivalent(ref_module: nn.Module, opt_module: nn.Module, inpu
     `output` selects what to compare from the forward result (default: every tensor in it).
     """
     assert_same_parameters(ref_module, opt_module)
-    ref = copy.deepcopy(ref_module).to(torch.float64)
+    ref = copy.deepcopy(ref_module).to(dtype).to(torch.float64)  # the values the optimized module holds
     opt = copy.deepcopy(opt_module)
     opt.load_state_dict(ref_module.state_dict())
     opt = opt.to(device=device, dtype=dtype)

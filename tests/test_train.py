@@ -49,6 +49,19 @@ def test_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path: Path, impl: 
     assert [m["loss"] for m in read_metrics(tmp_path / "part")] == [m["loss"] for m in read_metrics(tmp_path / "full")]
 
 
+def test_same_seed_gives_bit_identical_runs_and_another_seed_does_not(tmp_path: Path) -> None:
+    """specs/training.md "Determinism": on CPU one seed fixes initialisation, data and every RNG."""
+    exp = load_experiment({**SMALL, "train": {**SMALL["train"], "steps": 8, "checkpoint_every": 8}})
+    other = load_experiment({**SMALL, "train": {**SMALL["train"], "steps": 8, "checkpoint_every": 8, "seed": 4}})
+    runs = [train(e, impl="optimized", device=CPU, out_dir=tmp_path / name, progress=False)
+            for name, e in (("a", exp), ("b", exp), ("c", other))]
+    models = [load_checkpoint(tmp_path / name / "checkpoint.pt")["model"] for name in "abc"]
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+    assert [m["loss"] for m in read_metrics(tmp_path / "a")] == [m["loss"] for m in read_metrics(tmp_path / "b")]
+    assert runs[0]["final_loss"] == runs[1]["final_loss"]
+    assert not all(torch.equal(models[0][k], models[2][k]) for k in models[0])
+
+
 def test_resume_refuses_a_different_config(tmp_path: Path) -> None:
     train(load_experiment(SMALL), impl="optimized", device=CPU, out_dir=tmp_path, max_steps=2, progress=False)
     other = load_experiment({**SMALL, "train": {**SMALL["train"], "lr": 5e-3}})
