@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from training.benchmarks import BenchArgs, discover, format_table
-from training.benchmarks.models import bench_models, registered_models
+from training.benchmarks.models import bench_models, registered_models, summarize
 from training.device import resolve_device
 
 
@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None,
                         help=f"model throughput: all or one of {', '.join(registered_models())}")
     parser.add_argument("--seq-lens", type=int, nargs="+", default=None, help="sequence lengths for --model")
+    parser.add_argument("--ref-seq-lens", type=int, nargs="+", default=None,
+                        help="--model: lengths at which the (slow) reference model is timed (default: 2048 on CUDA)")
     parser.add_argument("--batch-size", type=int, default=None, help="batch size for --model")
     parser.add_argument("--no-compile", action="store_true", help="--model: skip the torch.compile rows")
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     bench_args = BenchArgs(device=device, quick=args.quick, repeat=args.repeat,
                            extra={"seq_lens": args.seq_lens, "batch_size": args.batch_size,
-                                  "no_compile": args.no_compile})
+                                  "ref_seq_lens": args.ref_seq_lens, "no_compile": args.no_compile})
     machine = (f"{platform.machine()} {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
                f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"# memarch bench on {machine}")
@@ -68,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = bench_models([name], bench_args)
         all_rows.extend(rows)
         print(f"\n## model {name} (training step: forward + backward + AdamW)\n")
-        print(format_table(rows), flush=True)
+        print(format_table(rows))
+        print("\n".join(f"- {line}" for line in summarize(rows)), flush=True)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {"machine": machine, "device": str(device), "rows": [r.as_dict() for r in all_rows]}

@@ -7,10 +7,11 @@
 #   OUT=gpu_out bash scripts/gpu_check.sh                 # everything
 #   GPU_CHECK_QUICK=1 bash scripts/gpu_check.sh           # small sizes (a smoke run)
 #   OPS="scan swa" MODELS="gru" bash scripts/gpu_check.sh # a subset
+#   STAGES="tests ops" bash scripts/gpu_check.sh         # some of the stages: tests ops models (default all three)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -30,7 +31,7 @@ text = re.sub(r'\n( *)cc_flag\.append\("-gencode"\)\n\s*cc_flag\.append\("arch=c
               r"\n\1pass", text)
 open(path, "w").write(text)
 PY
-  (cd "$src" && MAMBA_FORCE_BUILD=TRUE MAX_JOBS=16 python3 setup.py build_ext --inplace > "$OLDPWD/$OUT/mamba_build.log" 2>&1) &
+  (cd "$src" && MAMBA_FORCE_BUILD=TRUE MAX_JOBS=16 python3 setup.py build_ext --inplace > "$OUT/mamba_build.log" 2>&1) &
   build_pid=$!
   export PYTHONPATH=$src:$PYTHONPATH
 fi
@@ -39,29 +40,41 @@ quick=()
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/machine.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/machine.txt"
 
+STAGES=${STAGES:-tests ops models}
+stage() { [[ " $STAGES " == *" $1 "* ]]; }
+tests_rc=0
+if stage tests; then
 echo "== gpu-marked tests"
 timeout "${GPU_TEST_TIMEOUT:-200}" python3 tests/run.py -m gpu -q -p no:cacheprovider -n 4 --continue-on-collection-errors \
-  --junitxml="$OUT/gpu_tests.xml" 2>&1 | tail -n 60 | tee "$OUT/gpu_tests.log"
-tests_rc=${PIPESTATUS[0]}
+  --junitxml="$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1
+tests_rc=$?
+grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log" | tail -n 40
 if [ -n "$build_pid" ]; then
   timeout "${MAMBA_WAIT:-120}" tail --pid="$build_pid" -f /dev/null
   ls /tmp/mamba/mamba_ssm-*/selective_scan_cuda*.so > /dev/null 2>&1 && echo "mamba-ssm extension built" \
     || { echo "mamba-ssm extension not built (see mamba_build.log)"; tail -n 5 "$OUT/mamba_build.log"; }
   python3 tests/run.py -m gpu -q -p no:cacheprovider tests/test_ssm.py -k "mamba" 2>&1 | tail -n 5 | tee -a "$OUT/gpu_tests.log"
 fi
+fi
 
+if stage ops; then
 echo "== op benchmarks"
 for op in ${OPS:-$(python3 scripts/bench.py --list)}; do
   timeout "${GPU_OP_TIMEOUT:-50}" python3 scripts/bench.py --op "$op" --device cuda "${quick[@]}" \
     --json "$OUT/bench_op_$op.json" 2>&1 | grep -v "^# memarch" | tee -a "$OUT/bench_ops.md" \
     || echo "op $op: timed out or failed" | tee -a "$OUT/bench_ops.md"
 done
+fi
+if stage models; then
 echo "== model benchmarks"
-for m in ${MODELS:-gru}; do
-  timeout "${GPU_MODEL_TIMEOUT:-60}" python3 scripts/bench.py --model "$m" --device cuda "${quick[@]}" --no-compile \
-    --seq-lens ${MODEL_SEQ_LENS:-1024 2048} --batch-size "${MODEL_BATCH:-4}" --repeat 3 \
+seq_lens=()
+[ -n "${MODEL_SEQ_LENS:-}" ] && seq_lens=(--seq-lens $MODEL_SEQ_LENS)
+for m in ${MODELS:-$(python3 -c "from training.registry import MODELS; print(' '.join(sorted(MODELS)))")}; do
+  timeout "${GPU_MODEL_TIMEOUT:-150}" python3 scripts/bench.py --model "$m" --device cuda "${quick[@]}" \
+    $([ "${COMPILE:-0}" = "1" ] || echo --no-compile) "${seq_lens[@]}" --repeat 3 \
     --json "$OUT/bench_model_$m.json" 2>&1 | grep -v "^# memarch" | tee -a "$OUT/bench_models.md" \
     || echo "model $m: timed out or failed" | tee -a "$OUT/bench_models.md"
 done
+fi
 echo "gpu tests exit code: $tests_rc"
 exit "$tests_rc"

@@ -84,7 +84,7 @@ def time_fn(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, rep
 
 def format_table(rows: list[BenchRow]) -> str:
     headers = ["op", "impl", "params", "ms", "dispatch", "throughput", "floor", "note"]
-    cells = [[r.op, r.impl, r.params, f"{r.ms:.3f}", r.dispatch, r.throughput,
+    cells = [[r.op, r.impl, r.params, f"{r.ms:.3f}" if r.ms == r.ms else "—", r.dispatch, r.throughput,
               "" if r.floor_fraction is None else f"{r.floor_fraction:.2f}", r.note] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
     line = "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |"

@@ -2,7 +2,8 @@
 
 One step = forward + backward + AdamW update on random tokens. Reported per (impl, compile, autocast, L):
 median ms per step, tokens/s, and peak memory (CUDA only). Reference models run a Python loop over time, so
-they are timed with fewer repetitions.
+they are timed once, eager fp32, at the lengths in `--ref-seq-lens` only; `summarize` states the
+optimized/reference ratio and how the optimized cost per token grows with L.
 """
 
 from __future__ import annotations
@@ -49,49 +50,82 @@ def time_training_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 
 def bench_model(name: str, args: BenchArgs, *, seq_lens: Sequence[int], batch_size: int,
-                impls: Sequence[str] = ("reference", "optimized"), compile_modes: Sequence[bool] = (False, True),
+                ref_seq_lens: Sequence[int] | None = None, compile_modes: Sequence[bool] = (False, True),
                 autocast: Sequence[bool] = (False, True)) -> list[BenchRow]:
+    """Rows for the optimized model at every L in `seq_lens` (eager and compiled, fp32 and bf16 autocast on CUDA)
+    and for the reference model at `ref_seq_lens` (eager fp32: its Python time loop makes every step slow, so it
+    is timed once after one warm-up step). A row that runs out of memory is reported as such, not raised."""
     device = args.device
     cfg = model_config(name, args.extra.get("model_overrides"))
     rows: list[BenchRow] = []
-    for impl in impls:
-        for compiled in compile_modes:
-            if compiled and impl == "reference":
-                continue  # compiling a Python time loop unrolls it; not a meaningful configuration
-            for amp in autocast:
-                if amp and device.type != "cuda":
-                    continue
-                for L in seq_lens:
-                    torch.manual_seed(0)
-                    model = build_model(cfg, impl).to(device)
-                    x = torch.randint(0, BENCH_VOCAB, (batch_size, L), device=device)
-                    y = torch.randint(0, BENCH_VOCAB, (batch_size, L), device=device)
-                    if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(device)
-                    reference = impl == "reference"
-                    ms = time_training_step(model, x, y, device=device, amp=amp, compiled=compiled,
-                                            warmup=1 if reference else 2, repeat=1 if reference else args.repeat)
-                    peak = (f"peak {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
-                            if device.type == "cuda" else "")
-                    rows.append(BenchRow(
-                        op=f"model:{name}", impl=impl, params=f"B={batch_size} L={L}", ms=ms,
-                        dispatch=("compile" if compiled else "eager") + ("+bf16" if amp else ""),
-                        throughput=f"{batch_size * L / (ms / 1e3):,.0f} tok/s", note=peak))
+    plan: list[tuple[str, bool, bool, int]] = [("reference", False, False, L) for L in (ref_seq_lens or seq_lens)]
+    plan += [("optimized", compiled, amp, L) for compiled in compile_modes for amp in autocast for L in seq_lens
+             if not (amp and device.type != "cuda")]
+    for impl, compiled, amp, L in plan:
+        torch.manual_seed(0)
+        reference = impl == "reference"
+        dispatch = ("compile" if compiled else "eager") + ("+bf16" if amp else "")
+        params = f"B={batch_size} L={L}"
+        try:
+            model = build_model(cfg, impl).to(device)
+            x = torch.randint(0, BENCH_VOCAB, (batch_size, L), device=device)
+            y = torch.randint(0, BENCH_VOCAB, (batch_size, L), device=device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            ms = time_training_step(model, x, y, device=device, amp=amp, compiled=compiled,
+                                    warmup=1 if reference else 2, repeat=1 if reference else args.repeat)
+        except torch.OutOfMemoryError:
+            rows.append(BenchRow(op=f"model:{name}", impl=impl, params=params, ms=float("nan"), dispatch=dispatch,
+                                 note="out of memory"))
+            model = x = y = None  # type: ignore[assignment]
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        peak = f"peak {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB" if device.type == "cuda" else ""
+        rows.append(BenchRow(op=f"model:{name}", impl=impl, params=params, ms=ms, dispatch=dispatch,
+                             throughput=f"{batch_size * L / (ms / 1e3):,.0f} tok/s", note=peak))
+        del model, x, y
     return rows
+
+
+def summarize(rows: Sequence[BenchRow]) -> list[str]:
+    """Lines stating, per model, optimized ÷ reference tokens/s at each L where both ran (eager fp32), and the
+    optimized eager fp32 cost per token at each L relative to the shortest L (1.0 = flat, i.e. linear total
+    cost)."""
+    lines: list[str] = []
+    for op in dict.fromkeys(r.op for r in rows):
+        mine = [r for r in rows if r.op == op and r.dispatch == "eager" and r.ms == r.ms]
+        ref = {r.params: r.ms for r in mine if r.impl == "reference"}
+        opt = {r.params: r.ms for r in mine if r.impl == "optimized"}
+        for params, ms in ref.items():
+            if params in opt:
+                lines.append(f"{op} {params}: optimized {ms / opt[params]:.1f}x the reference's tokens/s (eager fp32)")
+        if len(opt) > 1:
+            def per_token(params: str, opt: dict[str, float] = opt) -> float:
+                b, length = (int(v.split("=")[1]) for v in params.split())
+                return opt[params] / (b * length)
+
+            base = min(opt, key=lambda p: int(p.split("L=")[1]))
+            growth = ", ".join(f"{p.split()[1]}: {per_token(p) / per_token(base):.2f}"
+                               for p in sorted(opt, key=lambda p: int(p.split("L=")[1])))
+            lines.append(f"{op} optimized cost per token relative to {base.split()[1]} (eager fp32): {growth}")
+    return lines
 
 
 def bench_models(names: Sequence[str], args: BenchArgs) -> list[BenchRow]:
     if args.quick:
         seq_lens: Sequence[int] = (32, 64)
-        batch = 2
+        batch, ref_lens = 2, [32]
     elif args.device.type == "cuda":
-        seq_lens, batch = (1024, 2048, 4096), 8
+        seq_lens, batch, ref_lens = (1024, 2048, 4096, 16384), 2, [2048]
     else:
-        seq_lens, batch = (256, 512), 4
+        seq_lens, batch, ref_lens = (256, 512), 4, [256]
     seq_lens = args.extra.get("seq_lens") or seq_lens
+    ref_lens = args.extra.get("ref_seq_lens") or ref_lens
     rows: list[BenchRow] = []
     for name in names:
         rows.extend(bench_model(name, args, seq_lens=seq_lens, batch_size=args.extra.get("batch_size") or batch,
+                                ref_seq_lens=ref_lens,
                                 compile_modes=(False,) if args.quick or args.extra.get("no_compile")
                                 else (False, True)))
     return rows
