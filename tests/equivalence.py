@@ -99,10 +99,11 @@ def _backprop(outputs: list[torch.Tensor], cots: list[torch.Tensor]) -> None:
 def assert_equivalent(ref_fn: Callable[..., Any], opt_fn: Callable[..., Any], inputs: Sequence[Any], *,
                       dtype: torch.dtype = torch.float64, kwargs: Mapping[str, Any] | None = None,
                       grad: bool = True, model: bool = False, seed: int = 0,
-                      device: torch.device | str = "cpu") -> None:
-    """Assert `opt_fn(*inputs)` in `dtype` matches `ref_fn(*inputs)` in float64, outputs and input gradients."""
+                      device: torch.device | str = "cpu", tol: Tolerance | None = None) -> None:
+    """Assert `opt_fn(*inputs)` in `dtype` matches `ref_fn(*inputs)` in float64, outputs and input gradients.
+    `tol` overrides the tolerance of `dtype` (used for mixed precision, where the stored dtype is float32)."""
     kw = dict(kwargs or {})
-    tol = tolerance(dtype, model=model)
+    tol = tol or tolerance(dtype, model=model)
     ref_in = _cast(_cast(tuple(inputs), dtype, False), torch.float64, grad)
     opt_in = _cast(tuple(inputs), dtype, grad)
     opt_in = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in opt_in)
@@ -145,20 +146,32 @@ def assert_modules_equivalent(ref_module: nn.Module, opt_module: nn.Module, inpu
                               dtype: torch.dtype = torch.float64, kwargs: Mapping[str, Any] | None = None,
                               grad: bool = True, model: bool = True, seed: int = 0,
                               output: Callable[[Any], Any] | None = None,
-                              device: torch.device | str = "cpu") -> None:
+                              device: torch.device | str = "cpu", autocast: bool = False) -> None:
     """Assert two modules with one parameter layout agree: the optimized one gets the reference's weights.
 
-    `output` selects what to compare from the forward result (default: every tensor in it).
+    `output` selects what to compare from the forward result (default: every tensor in it). With `autocast`
+    (mixed precision as `train.autocast: bf16` trains: float32 parameters and gradients, the forward under
+    `torch.autocast(dtype=bfloat16)`), `dtype` must be bfloat16 and names the tolerance; the parameters stay
+    float32, so a gradient that sums many per-token terms is accumulated in float32 as in real training.
     """
     assert_same_parameters(ref_module, opt_module)
-    ref = copy.deepcopy(ref_module).to(dtype).to(torch.float64)  # the values the optimized module holds
+    if autocast and dtype != torch.bfloat16:
+        raise ValueError("autocast=True compares bf16 mixed precision: pass dtype=torch.bfloat16")
+    store = torch.float32 if autocast else dtype
+    ref = copy.deepcopy(ref_module).to(store).to(torch.float64)  # the values the optimized module holds
     opt = copy.deepcopy(opt_module)
     opt.load_state_dict(ref_module.state_dict())
-    opt = opt.to(device=device, dtype=dtype)
+    opt = opt.to(device=device, dtype=store)
     pick = output or (lambda out: out)
     tol = tolerance(dtype, model=model)
-    assert_equivalent(lambda *a, **k: pick(ref(*a, **k)), lambda *a, **k: pick(opt(*a, **k)), inputs,
-                      dtype=dtype, kwargs=kwargs, grad=grad, model=model, seed=seed, device=device)
+    dev = torch.device(device)
+
+    def run_opt(*a: Any, **k: Any) -> Any:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+            return pick(opt(*a, **k))
+
+    assert_equivalent(lambda *a, **k: pick(ref(*a, **k)), run_opt, inputs, dtype=store, kwargs=kwargs, grad=grad,
+                      model=model, seed=seed, device=device, tol=tol)
     if not grad:
         return
     opt_params = dict(opt.named_parameters())
