@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-lens", type=int, nargs="+", default=None, help="sequence lengths for --model")
     parser.add_argument("--ref-seq-lens", type=int, nargs="+", default=None,
                         help="--model: lengths at which the (slow) reference model is timed (default: 2048 on CUDA)")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="--model: optimized rows only (the reference was timed in an earlier run)")
     parser.add_argument("--batch-size", type=int, default=None, help="batch size for --model")
     parser.add_argument("--no-compile", action="store_true", help="--model: skip the torch.compile rows")
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     bench_args = BenchArgs(device=device, quick=args.quick, repeat=args.repeat,
                            extra={"seq_lens": args.seq_lens, "batch_size": args.batch_size,
-                                  "ref_seq_lens": args.ref_seq_lens, "no_compile": args.no_compile})
+                                  "ref_seq_lens": args.ref_seq_lens, "no_compile": args.no_compile,
+                                  "no_reference": args.no_reference})
     machine = (f"{platform.machine()} {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
                f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"# memarch bench on {machine}")

@@ -73,7 +73,7 @@ for m in ${MODELS:-$(python3 -c "from training.registry import MODELS; print(' '
   # REF_LENS_<model>="256": where the reference loop is too slow to time at 2048 (per-token cost is flat in L)
   ref_var="REF_LENS_$m"; ref_lens=(); [ -n "${!ref_var:-}" ] && ref_lens=(--ref-seq-lens ${!ref_var})
   timeout "${GPU_MODEL_TIMEOUT:-150}" python3 scripts/bench.py --model "$m" --device cuda "${quick[@]}" \
-    $([ "${COMPILE:-0}" = "1" ] || echo --no-compile) "${seq_lens[@]}" "${ref_lens[@]}" --repeat 3 \
+    $([ "${COMPILE:-0}" = "1" ] || echo --no-compile) "${seq_lens[@]}" "${ref_lens[@]}" ${NO_REFERENCE:+--no-reference} --repeat 3 \
     --json "$OUT/bench_model_$m.json" 2>&1 | grep -v "^# memarch" | tee -a "$OUT/bench_models.md" \
     || echo "model $m: timed out or failed" | tee -a "$OUT/bench_models.md"
 done

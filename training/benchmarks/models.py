@@ -59,7 +59,8 @@ def bench_model(name: str, args: BenchArgs, *, seq_lens: Sequence[int], batch_si
     device = args.device
     cfg = model_config(name, args.extra.get("model_overrides"))
     rows: list[BenchRow] = []
-    plan: list[tuple[str, bool, bool, int]] = [("reference", False, False, L) for L in (ref_seq_lens or seq_lens)]
+    plan: list[tuple[str, bool, bool, int]] = [("reference", False, False, L) for L in (ref_seq_lens or seq_lens)
+                                               if not args.extra.get("no_reference")]
     plan += [("optimized", compiled, amp, L) for compiled in compile_modes for amp in autocast for L in seq_lens
              if not (amp and device.type != "cuda")]
     for impl, compiled, amp, L in plan:
