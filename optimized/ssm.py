@@ -6,7 +6,7 @@ Dispatch (`scan_dispatch` names the branch; `scripts/bench.py` reports it):
   `selective_scan_cuda` and its `ops/selective_scan_interface.py` load (by file path: importing the package
   `mamba_ssm` itself needs more, see ENVIRONMENT.md);
 - ``triton``: other CUDA tensors in those dtypes, with Triton importable (`optimized/kernels/selective_scan.py`);
-- ``torch-chunked``: everything else (CPU, float64), the chunked closed form below.
+- ``torch-chunked``: everything else (CPU, float64), the two-level chunked scan below (`chunked_scan`).
 
 Tolerances against the float64 reference (tests/tolerances.py): float64 1e-10 for one scan; float32 and the
 Triton kernel the long-scan (MODEL) tolerance 1e-4; bfloat16 5e-2.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -36,12 +37,9 @@ from reference.ssm import (
 
 __all__ = ["mamba_ssm_unavailable_reason", "scan_dispatch", "selective_scan", "selective_scan_step"]
 
-# Chunk length T and the floor −K on each step's log-decay Δ·A, per compute dtype. The floor changes
-# exp(Δ·A) by at most e^{−K} (below the dtype's rounding: e^{−36} ≈ 2e−16, e^{−16} ≈ 1e−7), and it bounds the
-# log-decays within a chunk, measured from its middle, by T·K/2 (288 and 64), inside exp's range.
-CHUNK: dict[torch.dtype, tuple[int, float]] = {torch.float64: (16, 36.0), torch.float32: (8, 16.0)}
-
-BLOCK_ELEMENTS = 1 << 19  # elements of a (B, D_block, L, N) intermediate in `chunked_scan`
+# Elements (B·D·N·nC) of the tensors one in-chunk step of `chunked_scan` touches: big enough to amortise
+# Python's per-op overhead, small enough to stay in cache (see `chunk_length`).
+STEP_ELEMENTS = 1 << 18
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -87,100 +85,101 @@ def scan_dispatch(u: Tensor, *, initial_state: Tensor | None = None) -> str:
 
 # ---------------------------------------------------------------------------------------------- torch path
 
-def _chunked_view(x: Tensor, dim: int, n_chunks: int, chunk: int) -> Tensor:
-    """B or C (D, N) | (B, N, L) | (B, G, N, L), L padded to n_chunks·chunk, as (B|1, D|1, nC|1, T|1, N)."""
+def chunk_length(length: int, per_step: int) -> int:
+    """T for `chunked_scan`: about √L, which balances the 2T in-chunk steps against the L/T chunk steps; longer
+    when one in-chunk step (per_step·L/T elements, per_step = B·D·N) would exceed STEP_ELEMENTS; then evened
+    out so that the last chunk is nearly full."""
+    target = min(length, max(math.isqrt(length), -(-per_step * length // STEP_ELEMENTS)))
+    n_chunks = -(-length // target)
+    return -(-length // n_chunks)
+
+
+def _groups(x: Tensor, dim: int) -> int:
+    """How many channel groups B or C distinguishes: D for (D, N), 1 for (B, N, L), G for (B, G, N, L)."""
+    return dim if x.ndim == 2 else 1 if x.ndim == 3 else x.shape[1]
+
+
+def _by_step(x: Tensor, groups: int, n_chunks: int, chunk: int) -> Tensor:
+    """B or C laid out to broadcast against the state h (B, nC, G, D/G, N) of `chunked_scan`: (D, N) -> (G, 1, N)
+    with G = D, the same at every step; (B, N, L) -> (T, B, nC, 1, 1, N); (B, G', N, L) -> (T, B, nC, G, 1, N)."""
     if x.ndim == 2:
-        return x[None, :, None, None, :]  # (1, D, 1, 1, N)
-    if x.ndim == 4:
-        x = x.repeat_interleave(dim // x.shape[1], dim=1)  # (B, D, N, L)
-    x = F.pad(x, (0, n_chunks * chunk - x.shape[-1]))
-    x = x.unflatten(-1, (n_chunks, chunk)).movedim(-3, -1)  # (B, [D,] nC, T, N)
-    return (x[:, None] if x.ndim == 4 else x).contiguous()
+        return x[:, None, :]
+    x = x[:, None] if x.ndim == 3 else x.repeat_interleave(groups // x.shape[1], dim=1)  # (B, G'|G, N, L)
+    x = F.pad(x, (0, n_chunks * chunk - x.shape[-1])).unflatten(-1, (n_chunks, chunk))  # (B, G, N, nC, T)
+    return x.permute(4, 0, 3, 1, 2)[..., None, :].contiguous()
 
 
-def _channel_block(x: Tensor, sl: slice, dim: int) -> Tensor:
-    """B or C restricted to the channels in `sl`: (D, N) rows; (B, N, L) whole; (B, G, N, L) -> (B, D_block, N, L)."""
-    if x.ndim == 2:
-        return x[sl]
-    if x.ndim == 3:
-        return x
-    groups = torch.arange(sl.start, sl.stop, device=x.device) // (dim // x.shape[1])
-    return x.index_select(1, groups)
-
-
-def _intra_chunk(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int,
-                 floor: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """One block of channels, every chunk at once. x = Δ·u and dt = Δ (B, D, nC, T) (zero-padded); A (D, N);
-    B, C as `_chunked_view` takes them (padded to nC·T). Returns the chunk-local outputs y (B, D, nC, T), the
-    chunk-local end states (B, D, nC, N), the chunks' total log-decays α_T (B, D, nC, N), and for the carry
-    term ĉ_t = C_t e^{α_t−α_m} (B, D, nC, T, N) and e^{α_m} (B, D, nC, N)."""
-    batch, dim, n_chunks, _ = x.shape
-    log_decay = (dt[..., None] * A[:, None, None, :]).clamp_min_(-floor)  # (B, D, nC, T, N), in place
-    alpha = log_decay.cumsum(dim=3)  # inclusive
-    mid = (chunk - 1) // 2
-    alpha_mid = alpha[:, :, :, mid:mid + 1, :]  # (B, D, nC, 1, N)
-    decay_out = torch.exp(alpha - alpha_mid)  # e^{α_t−α_m}
-    c_hat = _chunked_view(C, dim, n_chunks, chunk) * decay_out  # (B, D, nC, T, N)
-    b_hat = _chunked_view(B, dim, n_chunks, chunk) / decay_out  # e^{α_m−α_s} B_s
-    # y_t = Σ_{s≤t} (ĉ_t · b̂_s) Δ_s u_s. Above the diagonal ĉ_t·b̂_s may overflow; tril drops it.
-    c_flat, b_flat = c_hat.flatten(0, 2), b_hat.flatten(0, 2)  # (B·D·nC, T, N), views
-    x_flat = x.flatten(0, 2)[..., None]  # (B·D·nC, T, 1)
-    scores = torch.tril(torch.bmm(c_flat, b_flat.transpose(1, 2)))  # (B·D·nC, T, T)
-    y = torch.bmm(scores, x_flat).view(batch, dim, n_chunks, chunk)
-    local_sum = torch.bmm(b_flat.transpose(1, 2), x_flat).view(batch, dim, n_chunks, -1)  # (B, D, nC, N)
-    local_end = decay_out[:, :, :, -1] * local_sum
-    return y, local_end, alpha[:, :, :, -1], c_hat, torch.exp(alpha_mid[:, :, :, 0])
+def _at(x: Tensor, t: int) -> Tensor:
+    """Step t of a `_by_step` layout (the shared layout has no time axis)."""
+    return x if x.ndim == 3 else x[t]
 
 
 def chunked_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
-                 delta_bias: Tensor | None, delta_softplus: bool,
-                 initial_state: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Implements `reference.ssm.selective_scan` (returns out and the last state) as a chunked parallel scan.
+                 delta_bias: Tensor | None, delta_softplus: bool, initial_state: Tensor | None, *,
+                 chunk: int | None = None) -> tuple[Tensor, Tensor]:
+    """Implements `reference.ssm.selective_scan` (returns out and the last state) as a two-level scan.
 
-    Method: split time into chunks of T steps. With g_t = max(Δ_t A, −K) and α_t = Σ_{s≤t} g_s inside a chunk
-    (log-space cumulative decays, measured from the chunk's middle step m), the state is the closed form
-    h_t = e^{α_t−α_m}·(Σ_{s≤t} e^{α_m−α_s} B_s Δ_s u_s + e^{α_m} H_c), every factor within exp's range.
-    Three phases: (1) the intra-chunk closed form (`_intra_chunk`, batched matmuls), over blocks of channels
-    whose (B, D_block, L, N) intermediates stay near BLOCK_ELEMENTS (channels are independent; small
-    intermediates stay in cache and reuse allocator memory instead of faulting in fresh pages); (2) the states
-    H_c entering each chunk, a recurrence over chunks (a Python loop over L/T chunks, all channels at once);
-    (3) each step's carry term ĉ_t·H_c. Tolerances: see the module docstring.
+    Method: split time into nC chunks of T steps (`chunk_length`: T ≈ √L, or `chunk` when given) and run the
+    recurrence h_t = Ā_t h_{t−1} + B̄_t u_t in three vectorised phases, each a short Python loop:
+    (1) over the T positions inside a chunk, every chunk at once, from a zero state: the chunk-local states
+        h°_t = Ā_t h°_{t−1} + Δ_t u_t B_t and their readouts C_t·h°_t;
+    (2) over the nC chunks, all channels at once: the states entering each chunk, H_{c+1} = P_c H_c + h°_end(c),
+        with the chunk's decay P_c = exp(A·Σ_{t∈c} Δ_t) = Π_{t∈c} Ā_t;
+    (3) over the T positions again: the carried part g_t = Ā_t g_{t−1}, g_{−1} = H_c, read out as C_t·g_t
+        (h_t = h°_t + g_t).
+    Every factor is a decay exp(Δ A) of one step or one chunk, as in the reference: no exp of a difference of
+    cumulative sums, no floor on Δ·A. Where Δ·A ≤ 0 (A < 0, Δ ≥ 0: the decaying recurrence) each factor lies in
+    [0, 1], so forward and backward stay finite and match the reference for any |Δ·A| and any L; out_t reads
+    nothing after t. One step's tensors hold B·D·N·nC elements, which `chunk_length` keeps cache-sized.
+    Tolerances: see the module docstring.
     """
     work = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    chunk, floor = CHUNK[torch.float64 if work == torch.float64 else torch.float32]
     batch, dim, length = u.shape  # (B, D, L)
+    n_state = A.shape[1]
+    if chunk is None:
+        chunk = chunk_length(length, batch * dim * n_state)
+    elif not 1 <= chunk <= length:
+        raise ValueError(f"chunked_scan: chunk must be in [1, L = {length}], got {chunk}")
     n_chunks = -(-length // chunk)
-    pad = n_chunks * chunk - length
+    groups = math.lcm(_groups(B, dim), _groups(C, dim))
     dt = discretised_delta(delta, delta_bias, delta_softplus, work)  # (B, D, L)
     u_w = u.to(work)
-    x = dt * u_w  # Δ·u (B, D, L)
-    if pad:  # Δ = 0 and Δ·u = 0 on the padding: the state passes through unchanged
-        dt, x = F.pad(dt, (0, pad)), F.pad(x, (0, pad))
-    dt, x = dt.unflatten(-1, (n_chunks, chunk)), x.unflatten(-1, (n_chunks, chunk))  # (B, D, nC, T)
-    A_w, B_w, C_w = A.to(work), B.to(work), C.to(work)
-    step = max(1, BLOCK_ELEMENTS // (batch * n_chunks * chunk * A.shape[1]))
-    blocks = [slice(lo, min(lo + step, dim)) for lo in range(0, dim, step)]
-    parts = [_intra_chunk(x[:, sl], dt[:, sl], A_w[sl], _channel_block(B_w, sl, dim), _channel_block(C_w, sl, dim),
-                          chunk, floor) for sl in blocks]
-    local_end = torch.cat([p[1] for p in parts], dim=1)  # (B, D, nC, N)
-    chunk_decay = torch.exp(torch.cat([p[2] for p in parts], dim=1))  # (B, D, nC, N)
-    h = (torch.zeros(batch, dim, A.shape[1], dtype=work, device=u.device) if initial_state is None
-         else initial_state.to(work))  # (B, D, N)
+
+    def by_step(x: Tensor) -> Tensor:  # (B, D, L) -> (T, B, nC, G, D/G, 1); Δ = 0 and Δ·u = 0 on the padding
+        x = F.pad(x, (0, n_chunks * chunk - length)).unflatten(-1, (n_chunks, chunk))  # (B, D, nC, T)
+        return x.permute(3, 0, 2, 1).unflatten(-1, (groups, dim // groups))[..., None].contiguous()
+
+    dt_s, x_s = by_step(dt), by_step(dt * u_w)
+    A_g = A.to(work).reshape(groups, dim // groups, n_state)  # (G, D/G, N)
+    B_s, C_s = _by_step(B.to(work), groups, n_chunks, chunk), _by_step(C.to(work), groups, n_chunks, chunk)
+    # (1) chunk-local states from zero, all chunks at once
+    decays: list[Tensor] = []
+    ys: list[Tensor] = []
+    h = x_s[0] * _at(B_s, 0)  # (B, nC, G, D/G, N)
+    for t in range(chunk):
+        decays.append((dt_s[t] * A_g).exp_())  # Ā_t; in place on a fresh product, which autograd does not save
+        if t:
+            h = (decays[t] * h).addcmul_(x_s[t], _at(B_s, t))  # Ā_t h + Δ_t u_t B_t, no (D, N) outer product
+        ys.append(h @ _at(C_s, t).mT)  # (B, nC, G, D/G, 1)
+    # (2) the states entering each chunk
+    chunk_decay = torch.exp(dt_s.sum(dim=0) * A_g)  # P_c (B, nC, G, D/G, N)
+    state = (torch.zeros(batch, groups, dim // groups, n_state, dtype=work, device=u.device)
+             if initial_state is None else initial_state.to(work).reshape(batch, groups, -1, n_state))
     entering: list[Tensor] = []
     for c in range(n_chunks):
-        entering.append(h)
-        h = torch.addcmul(local_end[:, :, c], chunk_decay[:, :, c], h)
-    carry = torch.stack(entering, dim=2)  # H_c (B, D, nC, N)
-    ys: list[Tensor] = []
-    for sl, (y_blk, _, _, c_hat, mid_decay) in zip(blocks, parts, strict=True):
-        carry_blk = (carry[:, sl] * mid_decay).flatten(0, 2)[..., None]  # e^{α_m} H_c (B·D·nC, N, 1)
-        ys.append(y_blk + torch.bmm(c_hat.flatten(0, 2), carry_blk).view_as(y_blk))
-    y = torch.cat(ys, dim=1).flatten(2)[..., :length]  # (B, D, L)
+        entering.append(state)
+        state = torch.addcmul(h[:, c], chunk_decay[:, c], state)
+    # (3) the carried part
+    g = torch.stack(entering, dim=1)  # (B, nC, G, D/G, N)
+    for t in range(chunk):
+        g = decays[t] * g
+        ys[t] = ys[t] + g @ _at(C_s, t).mT
+    y = torch.stack(ys).flatten(3).permute(1, 3, 2, 0).flatten(2)[..., :length]  # (B, D, L)
     if D is not None:
         y = y + D.to(work)[:, None] * u_w
     if z is not None:
         y = y * F.silu(z.to(work))
-    return y.to(u.dtype), h
+    return y.to(u.dtype), state.reshape(batch, dim, n_state)
 
 
 # ---------------------------------------------------------------------------------------------- public API

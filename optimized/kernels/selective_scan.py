@@ -1,13 +1,20 @@
 """Triton kernel for the selective scan (`optimized.ssm` dispatches here on CUDA when mamba-ssm is absent).
 
-One program per (batch, channel): it walks time in blocks of BLOCK_L steps, holding the state h (N,) in
-registers. Inside a block the recurrence h_t = a_t h_{t−1} + b_t (a_t = e^{Δ_t A}, b_t = Δ_t B_t u_t) is a
-first-order linear scan, solved by `tl.associative_scan` over (a, b) pairs; the output y_t = C_t·h_t + D u_t,
-gated by silu(z_t), is written per block. Reads u, Δ, z, B, C once and writes out once: the memory floor.
+One program per (batch b, block of BLOCK_D channels); it walks time sequentially, as mamba-ssm's CUDA kernel
+does, holding the state h as a (BLOCK_D, BLOCK_N) float32 register tile, parallel over channels and states:
+
+    Ā_t = exp(Δ_t A),   h_t = Ā_t ⊙ h_{t−1} + Δ_t u_t B_t,   y_t = Σ_n C_t h_t + D u_t,   out_t = y_t silu(z_t).
+
+Time advances in blocks of BLOCK_L steps unrolled with `tl.static_range`, so the loads of a block (which do not
+depend on h) can be issued ahead of the arithmetic. N is padded to the power of two BLOCK_N with masks. B and C
+are read through (channels per group, batch, group, state, time) strides, which covers mamba-ssm's three layouts
+((D, N), (B, N, L), (B, G, N, L)) with one 2-D load. Only plain constructs: scalar-indexed loads and stores, a
+runtime `range` loop, `tl.static_range`, `tl.exp`, `tl.sum(axis=1)`, `tl.where` (no `tl.associative_scan`,
+no reshapes), so it compiles on every Triton 3.x.
 
 Tolerances against the float64 reference: the long-scan (MODEL) tolerances, float32 1e-4, bfloat16 5e-2; the
-math runs in float32. Gradients (`selective_scan_triton_autograd`) recompute the forward with the torch
-chunked scan (`optimized.ssm.chunked_scan`) and differentiate that: correct, not fast.
+math runs in float32 whatever the input dtype. Gradients (`selective_scan_triton_autograd`) recompute the
+forward with the torch two-level scan (`optimized.ssm.chunked_scan`) and differentiate that: correct, not fast.
 Under `TRITON_INTERPRET=1` the kernel runs on CPU tensors (tests call `selective_scan_triton` directly).
 """
 
@@ -21,15 +28,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["selective_scan_triton", "selective_scan_triton_autograd"]
+__all__ = ["compile_for_gpu", "selective_scan_triton", "selective_scan_triton_autograd"]
 
 _jit: Callable[[Callable[..., Any]], Any] = triton.jit  # typed alias: Triton's decorator carries no annotations
-
-
-@_jit
-def _combine(a_left: Any, b_left: Any, a_right: Any, b_right: Any) -> Any:
-    # (a_l, b_l) then (a_r, b_r): h -> a_r (a_l h + b_l) + b_r
-    return a_left * a_right, a_right * b_left + b_right
 
 
 @_jit
@@ -37,51 +38,52 @@ def _selective_scan_fwd(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bia
                         last_ptr, dim, length, n_state, group_B, group_C,
                         sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
                         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-                        SOFTPLUS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid = tl.program_id(0)
-    b = pid // dim
-    d = pid % dim
-    offs_n = tl.arange(0, BLOCK_N)
+                        SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_L: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,) channels
+    offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,) states
+    mask_d = offs_d < dim
     mask_n = offs_n < n_state
-    A = tl.load(A_ptr + d * n_state + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # (N,)
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    zero_d = tl.zeros([BLOCK_D], dtype=tl.int32)
+    state_offs = (b * dim + offs_d)[:, None] * n_state + offs_n[None, :]  # into (B, D, N) h0 and last
+    A = tl.load(A_ptr + offs_d[:, None] * n_state + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
     if HAS_H0:
-        h = tl.load(h0_ptr + pid * n_state + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        h = tl.load(h0_ptr + state_offs, mask=mask_dn, other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_N)
     else:
-        h = tl.zeros([BLOCK_N], dtype=tl.float32)
+        h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     if HAS_D:
-        D = tl.load(D_ptr + d).to(tl.float32)
+        D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + d).to(tl.float32)
-    row = pid * length  # u, delta, z, out are contiguous (B, D, L)
-    B_base = B_ptr + b * sB_b + (d // group_B) * sB_g
-    C_base = C_ptr + b * sC_b + (d // group_C) * sC_g
-    rows = tl.arange(0, BLOCK_L)
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    rows = (b * dim + offs_d) * length  # u, delta, z, out are contiguous (B, D, L)
+    # B, C: row d reads group d // group_*; the shared (D, N) layout has group size 1 and no batch or time stride
+    B_offs = b * sB_b + (offs_d // group_B)[:, None] * sB_g + offs_n[None, :] * sB_n  # (BLOCK_D, BLOCK_N)
+    C_offs = b * sC_b + (offs_d // group_C)[:, None] * sC_g + offs_n[None, :] * sC_n
     for start in range(0, length, BLOCK_L):
-        offs_l = start + rows
-        mask_l = offs_l < length
-        u = tl.load(u_ptr + row + offs_l, mask=mask_l, other=0.0).to(tl.float32)  # (BLOCK_L,)
-        dt = tl.load(delta_ptr + row + offs_l, mask=mask_l, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt = dt + bias
-        if SOFTPLUS:
-            dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
-        dt = tl.where(mask_l, dt, 0.0)  # padding: decay 1, input 0
-        mask_2d = mask_l[:, None] & mask_n[None, :]
-        B_t = tl.load(B_base + offs_l[:, None] * sB_l + offs_n[None, :] * sB_n, mask=mask_2d, other=0.0)
-        C_t = tl.load(C_base + offs_l[:, None] * sC_l + offs_n[None, :] * sC_n, mask=mask_2d, other=0.0)
-        a = tl.exp(dt[:, None] * A[None, :])  # (BLOCK_L, N)
-        x = (dt * u)[:, None] * B_t.to(tl.float32)
-        a_cum, x_cum = tl.associative_scan((a, x), 0, _combine)
-        states = a_cum * h[None, :] + x_cum  # h_t for the block (BLOCK_L, N)
-        y = tl.sum(states * C_t.to(tl.float32), axis=1)  # (BLOCK_L,)
-        if HAS_D:
-            y = y + D * u
-        if HAS_Z:
-            z = tl.load(z_ptr + row + offs_l, mask=mask_l, other=0.0).to(tl.float32)
-            y = y * z * tl.sigmoid(z)
-        tl.store(out_ptr + row + offs_l, y.to(out_ptr.dtype.element_ty), mask=mask_l)
-        h = tl.sum(tl.where(rows[:, None] == BLOCK_L - 1, states, 0.0), axis=0)  # padded rows keep the state
-    tl.store(last_ptr + pid * n_state + offs_n, h, mask=mask_n)
+        for i in tl.static_range(BLOCK_L):
+            t = start + i
+            mask_t = mask_d & (zero_d + t < length)  # a (BLOCK_D,) compare: the interpreter rejects scalar masks
+            u = tl.load(u_ptr + rows + t, mask=mask_t, other=0.0).to(tl.float32)  # (BLOCK_D,)
+            dt = tl.load(delta_ptr + rows + t, mask=mask_t, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                dt = dt + bias
+            if SOFTPLUS:
+                dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+            dt = tl.where(mask_t, dt, 0.0)  # past the end: Ā = 1 and no input, so h is kept
+            mask_tn = mask_t[:, None] & mask_n[None, :]
+            B_t = tl.load(B_ptr + B_offs + t * sB_l, mask=mask_tn, other=0.0).to(tl.float32)
+            C_t = tl.load(C_ptr + C_offs + t * sC_l, mask=mask_tn, other=0.0).to(tl.float32)
+            h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * B_t
+            y = tl.sum(C_t * h, axis=1)  # (BLOCK_D,)
+            if HAS_D:
+                y = y + D * u
+            if HAS_Z:
+                z = tl.load(z_ptr + rows + t, mask=mask_t, other=0.0).to(tl.float32)
+                y = y * z * tl.sigmoid(z)
+            tl.store(out_ptr + rows + t, y.to(out_ptr.dtype.element_ty), mask=mask_t)
+    tl.store(last_ptr + state_offs, h, mask=mask_dn)
 
 
 def _matrix_strides(x: Tensor, dim: int) -> tuple[int, int, int, int, int]:
@@ -95,11 +97,16 @@ def _matrix_strides(x: Tensor, dim: int) -> tuple[int, int, int, int, int]:
 
 def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                           z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
-                          initial_state: Tensor | None = None, *, block_l: int = 128) -> tuple[Tensor, Tensor]:
+                          initial_state: Tensor | None = None, *, block_d: int | None = None,
+                          block_l: int = 8) -> tuple[Tensor, Tensor]:
     """Forward only: (out (B, D, L) in u's dtype, last_state (B, D, N) float32). Inputs as in
-    `reference.ssm.selective_scan` (already validated by the caller); `block_l` must be a power of two."""
+    `reference.ssm.selective_scan` (already validated by the caller). `block_d` channels per program (a power of
+    two; default: up to 2048 state elements per program), `block_l` time steps unrolled per loop iteration."""
     batch, dim, length = u.shape
     n_state = A.shape[1]
+    block_n = max(2, triton.next_power_of_2(n_state))
+    if block_d is None:
+        block_d = max(1, min(triton.next_power_of_2(dim), 2048 // block_n, 64))
     u_c, delta_c = u.contiguous(), delta.contiguous()
     z_c = z.contiguous() if z is not None else u_c
     A_c = A.float().contiguous()
@@ -110,16 +117,37 @@ def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     bias_c = delta_bias.float().contiguous() if delta_bias is not None else A_c
     group_B, *strides_B = _matrix_strides(B, dim)
     group_C, *strides_C = _matrix_strides(C, dim)
-    _selective_scan_fwd[(batch * dim,)](
+    grid = (batch, triton.cdiv(dim, block_d))
+    _selective_scan_fwd[grid](
         u_c, delta_c, A_c, B, C, D_c, z_c, bias_c, h0, out, last, dim, length, n_state, group_B, group_C,
         *strides_B, *strides_C, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        HAS_H0=initial_state is not None, SOFTPLUS=delta_softplus, BLOCK_L=block_l,
-        BLOCK_N=max(2, triton.next_power_of_2(n_state)))
+        HAS_H0=initial_state is not None, SOFTPLUS=delta_softplus, BLOCK_D=block_d, BLOCK_N=block_n,
+        BLOCK_L=block_l)
     return out, last
 
 
+def compile_for_gpu(capability: int = 90, dtype: str = "bf16", *, options: bool = True, block_d: int = 32,
+                    block_n: int = 16, block_l: int = 8) -> Any:
+    """Compile `_selective_scan_fwd` ahead of time for CUDA compute capability `capability` (90: H100) with
+    (u, delta, B, C, z, out) in `dtype` ("fp32", "fp16", "bf16") and every option on or off; no GPU needed (Triton's
+    frontend, its passes and ptxas run on the CPU). This is the check `TRITON_INTERPRET=1` cannot make, so it
+    must run in a process without that variable (the tests use a subprocess). Returns Triton's compiled kernel."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names: list[str] = _selective_scan_fwd.arg_names
+    constexprs = {"HAS_D": options, "HAS_Z": options, "HAS_BIAS": options, "HAS_H0": options, "SOFTPLUS": options,
+                  "BLOCK_D": block_d, "BLOCK_N": block_n, "BLOCK_L": block_l}
+    io = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr"}  # in the input dtype; A, D, bias, h0: fp32
+    signature = {name: "constexpr" if name in constexprs else (f"*{dtype}" if name in io else "*fp32")
+                 if name.endswith("_ptr") else "i32" for name in names}
+    source = ASTSource(fn=_selective_scan_fwd, signature=signature,
+                       constexprs={(names.index(name),): value for name, value in constexprs.items()})
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32))
+
+
 class _TritonScan(torch.autograd.Function):
-    """Forward by the kernel; backward by differentiating the torch chunked scan (recomputed)."""
+    """Forward by the kernel; backward by differentiating the torch two-level scan (recomputed under grad)."""
 
     @staticmethod
     def forward(ctx: Any, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
