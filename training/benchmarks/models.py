@@ -84,7 +84,7 @@ def bench_model(name: str, args: BenchArgs, *, seq_lens: Sequence[int], batch_si
                 torch.cuda.empty_cache()
             continue
         peak = f"peak {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB" if device.type == "cuda" else ""
-        print(f"# {name} {impl} {dispatch} {params}: {ms:.1f} ms", file=sys.stderr, flush=True)
+        print(f"# {name} {impl} {dispatch} {params}: {ms:.1f} ms {peak}", file=sys.stderr, flush=True)
         rows.append(BenchRow(op=f"model:{name}", impl=impl, params=params, ms=ms, dispatch=dispatch,
                              throughput=f"{batch_size * L / (ms / 1e3):,.0f} tok/s", note=peak))
         del model, x, y

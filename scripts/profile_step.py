@@ -1,0 +1,52 @@
+"""Profile one training step of a registered model (forward + backward + AdamW) and print the top kernels.
+
+    python scripts/profile_step.py --model unified --seq-len 1024 --batch-size 2 [--device cuda] [--impl optimized]
+
+Where `scripts/bench.py --model` says a model is slow, this says which ops the time goes to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training.benchmarks.models import BENCH_VOCAB, model_config, time_training_step
+from training.device import resolve_device
+from training.registry import MODELS, build_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, choices=sorted(MODELS))
+    parser.add_argument("--impl", default="optimized", choices=("reference", "optimized"))
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--rows", type=int, default=20)
+    args = parser.parse_args(argv)
+    if args.seq_len < 1 or args.batch_size < 1:
+        parser.error("--seq-len and --batch-size must be >= 1")
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    model = build_model(model_config(args.model), args.impl).to(device)
+    x = torch.randint(0, BENCH_VOCAB, (args.batch_size, args.seq_len), device=device)
+    y = torch.randint(0, BENCH_VOCAB, (args.batch_size, args.seq_len), device=device)
+    time_training_step(model, x, y, device=device, amp=False, compiled=False, warmup=1, repeat=1)  # warm up
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        ms = time_training_step(model, x, y, device=device, amp=False, compiled=False, warmup=0, repeat=1)
+    print(f"# {args.model} {args.impl} B={args.batch_size} L={args.seq_len} on {device}: {ms:.1f} ms per step")
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=args.rows, max_name_column_width=70))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
