@@ -62,6 +62,17 @@ def test_same_seed_gives_bit_identical_runs_and_another_seed_does_not(tmp_path: 
     assert not all(torch.equal(models[0][k], models[2][k]) for k in models[0])
 
 
+def test_resuming_a_finished_run_keeps_its_summary(tmp_path: Path) -> None:
+    """A run killed after its last checkpoint but before summary.json: the resumed summary has the losses."""
+    exp = load_experiment({**SMALL, "train": {**SMALL["train"], "steps": 6, "checkpoint_every": 3}})
+    full = train(exp, impl="optimized", device=CPU, out_dir=tmp_path, progress=False)
+    (tmp_path / "summary.json").unlink()
+    again = train(exp, impl="optimized", device=CPU, out_dir=tmp_path, resume=True, progress=False)
+    assert again["first_loss"] == full["first_loss"] is not None
+    assert again["final_loss"] == full["final_loss"] is not None
+    assert json.loads((tmp_path / "summary.json").read_text())["final_loss"] == full["final_loss"]
+
+
 def test_resume_refuses_a_different_config(tmp_path: Path) -> None:
     train(load_experiment(SMALL), impl="optimized", device=CPU, out_dir=tmp_path, max_steps=2, progress=False)
     other = load_experiment({**SMALL, "train": {**SMALL["train"], "lr": 5e-3}})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -265,7 +266,28 @@ def _truncate_metrics(path: Path, step: int) -> None:
             continue
         if record.get("step", 0) <= step:
             kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write-then-rename, so a kill during the write leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _resumed_losses(path: Path) -> tuple[float | None, dict[str, float]]:
+    """The first logged loss and the last record's loss/accuracy of a resumed run (for its summary)."""
+    if not path.exists():
+        return None, {}
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [r for r in records if "loss" in r]
+    if not records:
+        return None, {}
+    return records[0]["loss"], {k: records[-1][k] for k in ("loss", "accuracy") if k in records[-1]}
 
 
 def train(exp: ExperimentConfig, *, impl: str, device: torch.device, out_dir: str | Path,
@@ -342,6 +364,8 @@ def train(exp: ExperimentConfig, *, impl: str, device: torch.device, out_dir: st
     step, consecutive_bad = start, 0
     first_loss: float | None = None
     last: dict[str, float] = {}
+    if start > 0 and main:
+        first_loss, last = _resumed_losses(metrics_path)
     evals: dict[str, float] = {}
     status = "completed"
     interactive = sys.stderr.isatty()
@@ -425,5 +449,5 @@ def train(exp: ExperimentConfig, *, impl: str, device: torch.device, out_dir: st
         "config": config_dict, "source": exp.source,
     }
     if main:
-        (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
+        atomic_write_text(out / SUMMARY_NAME, json.dumps(summary, indent=2))
     return summary
