@@ -16,7 +16,9 @@ passing (two small matmuls per chunk) is a loop over chunks, never over tokens; 
 all chunks at once. A length that C does not divide ends with one shorter chunk.
 
 Tolerance against the float64 reference: float64 1e-10; float32 1e-5 relative on short sequences (model
-tolerances over long scans); bfloat16 inputs are computed in float32 (5e-2 at model level).
+tolerances over long scans); bfloat16 inputs are computed in float32 (5e-2 at model level); under
+`torch.autocast` the matmuls follow autocast (bfloat16) while the state stays float32. The gates, including the
+normalised step θ = (1 − η) θ̂ / (C (2 + λ)) ([TITANS-2]), come from the shared `TitansMemory.forward`.
 """
 
 from __future__ import annotations
@@ -32,9 +34,12 @@ from reference.titans import (
     memory_gradient,
     memory_stats,
     normalize_queries,
+    titans_learning_rate,
     validate_memory_inputs,
+    validate_memory_read,
+    validate_qk_projection,
 )
-from reference.validation import ShapeError, check_rank
+from reference.validation import MemarchError
 
 __all__ = [
     "MemoryOutput",
@@ -44,6 +49,7 @@ __all__ = [
     "memory_stats",
     "normalize_queries",
     "qk_projection",
+    "titans_learning_rate",
     "titans_memory_chunked",
     "titans_memory_read",
     "titans_memory_recurrent",
@@ -149,11 +155,7 @@ def titans_memory_recurrent(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta:
 
 def titans_memory_read(q: Tensor, M: Tensor) -> Tensor:
     """`reference.titans.titans_memory_read` as one batched matmul."""
-    check_rank(q, "q", 4, fn="titans_memory_read", layout="(B, H, L, d_k)")
-    check_rank(M, "M", 4, fn="titans_memory_read", layout="(B, H, d_k, d_v)")
-    if M.shape[:2] != q.shape[:2] or M.shape[2] != q.shape[3]:
-        raise ShapeError(f"titans_memory_read: M must have shape (B, H, d_k, d_v) with (B, H, d_k) = "
-                         f"{(q.shape[0], q.shape[1], q.shape[3])}, got {tuple(M.shape)}")
+    validate_memory_read(q, M, "titans_memory_read")
     return q @ M
 
 
@@ -164,9 +166,9 @@ def qk_projection(q: Tensor, k: Tensor, initial_gram: Tensor | None = None, *, u
     P_t q_t = P₀ q_t + Σ_{i≤t} (q_t·k_i) k_i: within a block a masked (QKᵀ) K product, across blocks the
     exclusive cumulative sum of the blocks' key Grams. Same tolerances as the memory.
     """
-    check_rank(q, "q", 4, fn="qk_projection", layout="(B, H, L, d_k)")
-    if q.shape != k.shape:
-        raise ShapeError(f"qk_projection: q and k must have one shape, got {tuple(q.shape)} and {tuple(k.shape)}")
+    validate_qk_projection(q, k, initial_gram, eps, "qk_projection")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise MemarchError(f"qk_projection: block must be an int >= 1, got {block!r}")
     B, H, L, dk = q.shape
     P0 = initial_gram if initial_gram is not None else q.new_zeros(B, H, dk, dk)
     if not update or L == 0:

@@ -16,7 +16,14 @@ import torch
 from torch import Tensor, nn
 
 from reference.primitives import RMSNorm
-from reference.validation import MemarchError, ShapeError, check_floating, check_rank
+from reference.validation import (
+    MemarchError,
+    ShapeError,
+    check_float64_mix,
+    check_floating,
+    check_rank,
+    check_same_device,
+)
 
 __all__ = [
     "MemoryOutput",
@@ -26,6 +33,7 @@ __all__ = [
     "memory_stats",
     "normalize_queries",
     "qk_projection",
+    "titans_learning_rate",
     "titans_memory_chunked",
     "titans_memory_read",
     "titans_memory_recurrent",
@@ -64,9 +72,14 @@ def validate_memory_inputs(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: 
         check_floating(t, name, fn=fn)
         if t.shape != k.shape[:3]:
             raise ShapeError(f"{fn}: {name} must have shape (B, H, L) = {tuple(k.shape[:3])}, got {tuple(t.shape)}")
+    check_float64_mix(("q", q), ("k", k), ("v", v), ("alpha", alpha), ("eta", eta), ("theta", theta), fn=fn)
+    check_same_device(("q", q), ("k", k), ("v", v), ("alpha", alpha), ("eta", eta), ("theta", theta), fn=fn)
     if initial_state is not None:
+        if not isinstance(initial_state, tuple) or len(initial_state) < 2:
+            raise ShapeError(f"{fn}: initial_state must be a pair (M, S), got {type(initial_state).__name__}")
         want = (k.shape[0], k.shape[1], k.shape[3], v.shape[3])
-        for name, t in zip(("M", "S"), initial_state, strict=True):
+        for name, t in zip(("M", "S"), initial_state[:2], strict=True):
+            check_floating(t, f"initial_state {name}", fn=fn)
             if tuple(t.shape) != want:
                 raise ShapeError(f"{fn}: initial_state {name} must have shape (B, H, d_k, d_v) = {want}, "
                                  f"got {tuple(t.shape)}")
@@ -75,6 +88,34 @@ def validate_memory_inputs(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: 
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise MemarchError(f"{fn}: chunk_size must be an int >= 1, got {chunk_size!r}")
+
+
+def validate_qk_projection(q: Tensor, k: Tensor, initial_gram: Tensor | None, eps: float, fn: str) -> None:
+    for name, t in (("q", q), ("k", k)):
+        check_floating(t, name, fn=fn)
+        check_rank(t, name, 4, fn=fn, layout="(B, H, L, d_k)")
+    if q.shape != k.shape:
+        raise ShapeError(f"{fn}: q and k must have one shape, got {tuple(q.shape)} and {tuple(k.shape)}")
+    if initial_gram is not None:
+        check_floating(initial_gram, "initial_gram", fn=fn)
+        B, H, _, dk = q.shape
+        if tuple(initial_gram.shape) != (B, H, dk, dk):
+            raise ShapeError(f"{fn}: initial_gram must have shape (B, H, d_k, d_k) = {(B, H, dk, dk)}, "
+                             f"got {tuple(initial_gram.shape)}")
+    check_float64_mix(("q", q), ("k", k), ("initial_gram", initial_gram), fn=fn)
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise MemarchError(f"{fn}: eps must be a finite number > 0, got {eps!r}")
+
+
+def validate_memory_read(q: Tensor, M: Tensor, fn: str) -> None:
+    check_floating(q, "q", fn=fn)
+    check_floating(M, "M", fn=fn)
+    check_rank(q, "q", 4, fn=fn, layout="(B, H, L, d_k)")
+    check_rank(M, "M", 4, fn=fn, layout="(B, H, d_k, d_v)")
+    if M.shape[:2] != q.shape[:2] or M.shape[2] != q.shape[3]:
+        raise ShapeError(f"{fn}: M must have shape (B, H, d_k, d_v) with (B, H, d_k) = "
+                         f"{(q.shape[0], q.shape[1], q.shape[3])}, got {tuple(M.shape)}")
+    check_float64_mix(("q", q), ("M", M), fn=fn)
 
 
 def _zeros_state(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -151,11 +192,7 @@ def titans_memory_read(q: Tensor, M: Tensor) -> Tensor:
 
     q (B, H, L, d_k), M (B, H, d_k, d_v) -> (B, H, L, d_v).
     """
-    check_rank(q, "q", 4, fn="titans_memory_read", layout="(B, H, L, d_k)")
-    check_rank(M, "M", 4, fn="titans_memory_read", layout="(B, H, d_k, d_v)")
-    if M.shape[:2] != q.shape[:2] or M.shape[2] != q.shape[3]:
-        raise ShapeError(f"titans_memory_read: M must have shape (B, H, d_k, d_v) with (B, H, d_k) = "
-                         f"{(q.shape[0], q.shape[1], q.shape[3])}, got {tuple(M.shape)}")
+    validate_memory_read(q, M, "titans_memory_read")
     outputs = [torch.einsum("bhk,bhkv->bhv", q[:, :, t], M) for t in range(q.shape[2])]
     return torch.stack(outputs, dim=2) if outputs else q.new_zeros(q.shape[:3] + M.shape[3:])
 
@@ -168,9 +205,7 @@ def qk_projection(q: Tensor, k: Tensor, initial_gram: Tensor | None = None, *, u
 
     q, k (B, H, L, d_k), initial_gram (B, H, d_k, d_k) or None (zeros) -> q̃ (B, H, L, d_k), P_L.
     """
-    check_rank(q, "q", 4, fn="qk_projection", layout="(B, H, L, d_k)")
-    if q.shape != k.shape:
-        raise ShapeError(f"qk_projection: q and k must have one shape, got {tuple(q.shape)} and {tuple(k.shape)}")
+    validate_qk_projection(q, k, initial_gram, eps, "qk_projection")
     B, H, L, dk = q.shape
     P = initial_gram if initial_gram is not None else q.new_zeros(B, H, dk, dk)  # (B, H, d_k, d_k)
     outputs: list[Tensor] = []
@@ -181,6 +216,18 @@ def qk_projection(q: Tensor, k: Tensor, initial_gram: Tensor | None = None, *, u
         outputs.append(normalize_queries(projected, eps))
     q_tilde = torch.stack(outputs, dim=2) if outputs else q.new_zeros(q.shape)
     return q_tilde, P
+
+
+def titans_learning_rate(theta_hat: Tensor, one_minus_eta: Tensor, chunk_size: int,
+                         global_decay: float = 0.0) -> Tensor:
+    """[TITANS-2] The step that enters [TITANS-4]/[TITANS-7]: θ = (1 − η) θ̂ / (C (2 + λ)), elementwise.
+
+    θ̂ ∈ (0, 1) is the learnable rate. (1 − η) makes the surprise an exponential moving average of gradients,
+    1/C makes a chunk's stale gradients a mean, and 2 + λ is the largest curvature of ℓ for a unit key, so a
+    chunk of identical keys removes at most the fraction θ̂ of its error: the update never expands
+    (specs/titans.md, "Why θ is normalised").
+    """
+    return one_minus_eta * theta_hat / (chunk_size * (2.0 + global_decay))
 
 
 def memory_stats(M: Tensor, S: Tensor) -> dict[str, Tensor]:
@@ -204,7 +251,8 @@ class TitansMemory(nn.Module):
 
     forward(x (B, L, D), state=None, *, update=True) -> MemoryOutput(y (B, L, D), final state, stats). With
     `update=False` the memory is read only ([TITANS-9]): the state is returned unchanged. The optimized subclass
-    overrides `_recurrence`, `_project` and `_read` only.
+    overrides `_recurrence`, `_project` and `_read` only, so both share the gates: `theta_init` is the initial
+    learnable rate θ̂, and the step is θ = (1 − η) θ̂ / (C (2 + λ)) (`titans_learning_rate`).
     """
 
     def __init__(self, dim: int, num_heads: int, key_dim: int, value_dim: int, *, chunk_size: int = 16,
@@ -274,6 +322,9 @@ class TitansMemory(nn.Module):
         B, L, _ = x.shape
         if state is None:
             state = self.init_state(B, dtype=x.dtype, device=x.device)
+        elif not isinstance(state, MemoryState):
+            raise ShapeError(f"{fn}: state must be a MemoryState (M, S, P) from init_state or a previous forward, "
+                             f"got {type(state).__name__}")
         q = normalize_queries(self._heads(self.q_proj(x), self.key_dim), self.eps)  # (B, H, L, d_k)
         k = normalize_queries(self._heads(self.k_proj(x), self.key_dim), self.eps)  # (B, H, L, d_k)
         v = self._heads(self.v_proj(x), self.value_dim)  # (B, H, L, d_v)
@@ -282,8 +333,10 @@ class TitansMemory(nn.Module):
             q, P = self._project(q, k, P, update)
         if update:
             alpha = torch.sigmoid(self.alpha_proj(x)).transpose(1, 2)  # [TITANS-2] (B, H, L)
-            eta = torch.sigmoid(self.eta_proj(x)).transpose(1, 2)
-            theta = torch.sigmoid(self.theta_proj(x)).transpose(1, 2)
+            eta_logits = self.eta_proj(x)  # (B, L, H)
+            eta = torch.sigmoid(eta_logits).transpose(1, 2)
+            theta = titans_learning_rate(torch.sigmoid(self.theta_proj(x)), torch.sigmoid(-eta_logits),  # 1 − η
+                                         self.chunk_size, self.global_decay).transpose(1, 2)
             y, M, S = self._recurrence(q, k, v, alpha, eta, theta, state.M, state.S)
             new_state = MemoryState(M, S, P)
         else:

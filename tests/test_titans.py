@@ -213,3 +213,85 @@ def test_cuda_chunked_memory_matches_float64_reference(dtype: torch.dtype) -> No
     inputs = memory_inputs(0, 2, 2, 40, 16, 16)
     assert_equivalent(chunked(ref, 8, 0.01), chunked(opt, 8, 0.01), inputs, dtype=dtype, model=True,
                       device="cuda")
+
+
+# ---------------------------------------------------------------------------------------------- stability ([TITANS-2])
+
+def _chunk_map_radius(theta: torch.Tensor, eta: torch.Tensor, alpha: torch.Tensor, C: int, lam: float) -> torch.Tensor:
+    """Spectral radius of one chunk's linear map (M₀, S₀) -> (M_C, S_C) for C identical unit keys and zero values
+    (the worst case for one direction), gates constant per batch element (N,) -> (N,); via the literal recurrence."""
+    N = theta.shape[0]
+    k = torch.ones(N, 1, C, 1, dtype=F64)  # d_k = d_v = 1: one key direction, curvature 2 + λ
+    v = torch.zeros(N, 1, C, 1, dtype=F64)
+
+    def gate(g: torch.Tensor) -> torch.Tensor:
+        return g[:, None, None].expand(N, 1, C).contiguous()
+
+    one, zero = torch.ones(N, 1, 1, 1, dtype=F64), torch.zeros(N, 1, 1, 1, dtype=F64)
+    columns = []
+    for M0, S0 in ((one, zero), (zero, one)):
+        _, M, S = ref.titans_memory_chunked(k, k, v, gate(alpha), gate(eta), gate(theta), chunk_size=C,
+                                            global_decay=lam, initial_state=(M0, S0))
+        columns.append(torch.stack([M.reshape(N), S.reshape(N)], dim=-1))
+    T = torch.stack(columns, dim=-1)  # (N, 2, 2)
+    return torch.linalg.eigvals(T).abs().amax(dim=-1)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 4, 16, 64])
+@pytest.mark.parametrize("lam", [0.0, 0.01, 1.0])
+def test_normalised_step_never_expands_a_chunk_of_identical_keys(chunk: int, lam: float) -> None:
+    """θ = (1 − η) θ̂ / (C (2 + λ)): for every gate value the chunk map's spectral radius is ≤ 1."""
+    grid = torch.cartesian_prod(torch.tensor([0.0, 0.5, 0.9, 0.99, 0.999], dtype=F64),  # η
+                                torch.tensor([0.01, 0.5, 0.999], dtype=F64),  # θ̂
+                                torch.tensor([0.0, 0.01, 0.5, 0.99], dtype=F64))  # α
+    eta, theta_hat, alpha = grid.unbind(-1)
+    theta = ref.titans_learning_rate(theta_hat, 1 - eta, chunk, lam)
+    assert float(_chunk_map_radius(theta, eta, alpha, chunk, lam).max()) <= 1 + 1e-12
+
+
+def test_unnormalised_step_expands_at_the_default_gates() -> None:
+    """The literal Titans step θ = θ̂ = 0.1 with η = 0.9, α = 0.01 (the defaults) is stable per token but expands
+    every chunk of repeated keys (radius 1.25 at C = 4, 14.8 at C = 16): why the step is normalised."""
+    def g(x: float) -> torch.Tensor:
+        return torch.tensor([x], dtype=F64)
+
+    radius = {C: float(_chunk_map_radius(g(0.1), g(0.9), g(0.01), C, 0.0)[0]) for C in (1, 4, 16)}
+    assert radius[1] < 1 < radius[4] < radius[16]
+    assert radius[16] == pytest.approx(14.81, abs=0.01)
+
+
+@pytest.mark.parametrize("impl", [ref, opt], ids=["reference", "optimized"])
+def test_module_step_is_the_normalised_learning_rate(impl: object) -> None:
+    torch.manual_seed(4)
+    mem = impl.TitansMemory(8, 2, 4, 4, chunk_size=3, global_decay=0.05).double()  # type: ignore[attr-defined]
+    x = make_tensor((2, 7, 8), 8)
+    seen: dict[str, torch.Tensor] = {}
+    inner = mem._recurrence
+
+    def spy(q, k, v, alpha, eta, theta, M, S):  # type: ignore[no-untyped-def]
+        seen.update(eta=eta, theta=theta)
+        return inner(q, k, v, alpha, eta, theta, M, S)
+
+    mem._recurrence = spy
+    mem(x)
+    eta = torch.sigmoid(mem.eta_proj(x)).transpose(1, 2)
+    theta_hat = torch.sigmoid(mem.theta_proj(x)).transpose(1, 2)
+    assert_close_scaled(seen["eta"], eta, tolerance(F64), "eta")
+    assert_close_scaled(seen["theta"], (1 - eta) * theta_hat / (3 * 2.05), tolerance(F64), "theta")
+
+
+def test_memory_stays_bounded_on_a_long_stream_of_repeated_tokens() -> None:
+    """1024 tokens of a 3-token vocabulary, chunk 16 (the presets' chunk): the state stays at the scale of the
+    stored values. With the unnormalised step θ = θ̂ this stream drives ‖M‖ to ~1e50 (1e15 and then inf for the
+    10M preset on Shakespeare in float32)."""
+    torch.manual_seed(0)
+    mem = opt.TitansMemory(32, 2, 16, 16, chunk_size=16, global_decay=0.01).double()
+    table = torch.randn(3, 32, dtype=F64)
+    state = None
+    with torch.no_grad():
+        for _ in range(8):
+            x = table[torch.randint(0, 3, (2, 128))]
+            out = mem(x, state)
+            state = out.state
+            v_max = float(mem.v_proj(x).view(2, 128, 2, 16).norm(dim=-1).max())
+            assert float(out.stats["M_norm"]) < 3 * v_max
