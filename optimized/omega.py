@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reference.omega import validate_omega
+from reference.omega import validate_omega, validate_omega_weights
 from reference.validation import MemarchError, check_floating, check_rank
 
 __all__ = ["DEFAULT_BLOCK", "omega_dispatch", "omega_memory", "omega_weights", "persistent_memory"]
@@ -56,8 +56,7 @@ def band_weights(offset: int, block: int, window: int, decay_base: float, dtype:
 
 def omega_weights(gate: Tensor, window: int, decay_base: float) -> Tensor:
     """Implements `reference.omega.omega_weights` as one masked power table (B, H, L, L); exact up to rounding."""
-    check_floating(gate, "gate", fn="omega_weights")
-    check_rank(gate, "gate", 3, fn="omega_weights", layout="(B, H, L)")
+    validate_omega_weights(gate, window, decay_base, "omega_weights")
     length = gate.shape[2]
     table = band_weights(0, length, window, decay_base, gate.dtype, gate.device)  # (L, L) [t, i]
     return table * gate[:, :, None, :]

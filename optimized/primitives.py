@@ -97,6 +97,8 @@ def causal_depthwise_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = Non
     """Implements `reference.primitives.causal_depthwise_conv1d` with one grouped `F.conv1d` over a left-padded
     (B, D, L) view (cuDNN / oneDNN depthwise kernel). Tolerances: float64 1e-10, float32 1e-5, bf16 1e-2."""
     validate_conv(x, weight, bias, "causal_depthwise_conv1d")
+    if x.shape[1] == 0:  # F.conv1d refuses an input shorter than the kernel
+        return x.new_zeros(x.shape)
     taps = weight.shape[1]
     x_cl = F.pad(x.transpose(1, 2), (taps - 1, 0))  # (B, D, K − 1 + L)
     y = F.conv1d(x_cl, weight[:, None, :], bias, groups=x.shape[2])  # (B, D, L)

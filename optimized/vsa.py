@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from reference import vsa as ref
-from reference.validation import ShapeError, check_finite, check_floating, check_positive
+from reference.validation import ShapeError, check_finite_all, check_floating, check_positive
 from reference.vsa import (
     BindMode,
     Cleanup,
@@ -146,7 +146,7 @@ def cleanup(query: Tensor, codebook: Tensor, k: int = 1, *, check: bool = True) 
     Tolerances as `bind` (indices equal except at exact ties)."""
     validate_cleanup(query, codebook, k, "cleanup")
     if check:
-        check_finite(codebook, "codebook", fn="cleanup")
+        check_finite_all(("query", query), ("codebook", codebook), fn="cleanup")
     dots = query @ codebook.T  # (..., N)
     norms = torch.linalg.vector_norm(query, dim=-1, keepdim=True) * torch.linalg.vector_norm(codebook, dim=-1)
     scores = dots / torch.clamp(norms, min=1e-12)

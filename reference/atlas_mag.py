@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from reference.attention import SlidingWindowAttention
 from reference.omega import omega_memory, persistent_memory
 from reference.primitives import RMSNorm, SwiGLU
-from reference.validation import ConfigError, DTypeError, ShapeError, check_rank
+from reference.validation import ConfigError, ShapeError, check_floating, check_rank, check_token_ids
 
 __all__ = ["AtlasMAG", "AtlasMAGConfig", "MAGBlock", "OmegaMemoryBranch", "count_parameters", "gate_statistics",
            "polar_lambda", "polarization_loss"]
@@ -155,6 +155,14 @@ class OmegaMemoryBranch(nn.Module):
                              eps=c.omega_eps)
 
     def forward(self, h: Tensor, persistent: Tensor | None) -> tuple[Tensor, Tensor]:
+        fn = "OmegaMemoryBranch"
+        check_floating(h, "h", fn=fn)
+        check_rank(h, "h", 3, fn=fn, layout="(B, L, D)")
+        if h.shape[2] != self.config.dim:
+            raise ShapeError(f"{fn}: h.shape[2] must be dim={self.config.dim}, got shape {tuple(h.shape)}")
+        if persistent is not None and (persistent.ndim != 2 or persistent.shape[1] != self.config.dim):
+            raise ShapeError(f"{fn}: persistent must have shape (P, dim={self.config.dim}), "
+                             f"got {tuple(persistent.shape)}")
         batch, length, dim = h.shape
         q = self._heads(self.q_proj(h))  # (B, H, L, Dh)
         k = self._heads(self.k_proj(h))  # (B, H, L, Dh)
@@ -243,11 +251,7 @@ class AtlasMAG(nn.Module):
                                          warmup_steps=c.polar_warmup_steps)
 
     def check_input(self, input_ids: Tensor) -> None:
-        check_rank(input_ids, "input_ids", 2, fn="AtlasMAG.forward", layout="(batch, seq_len)")
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise DTypeError(f"AtlasMAG.forward: input_ids must be int64/int32 token ids, got {input_ids.dtype}")
-        if input_ids.shape[1] == 0:
-            raise ShapeError("AtlasMAG.forward: input_ids has seq_len 0; sequences must hold at least one token")
+        check_token_ids(input_ids, self.config.vocab_size, fn="AtlasMAG.forward")
 
     def hidden_states(self, input_ids: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """Final normalised states (B, L, D), the MAG gates g per layer and the γ gates per layer."""

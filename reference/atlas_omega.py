@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from reference.attention import SlidingWindowAttention
 from reference.primitives import RMSNorm, SwiGLU
 from reference.titans import MemoryState, TitansMemory
-from reference.validation import ConfigError, DTypeError, ShapeError, check_rank
+from reference.validation import ConfigError, ShapeError, check_token_ids
 
 __all__ = ["AtlasOmega", "AtlasOmegaBlock", "AtlasOmegaConfig", "gate_floor_at", "gated_mix"]
 
@@ -157,9 +157,7 @@ class AtlasOmega(nn.Module):
     def forward(self, input_ids: Tensor, state: list[MemoryState] | None = None, *,
                 update: bool = True) -> dict[str, Any]:
         fn = "AtlasOmega.forward"
-        check_rank(input_ids, "input_ids", 2, fn=fn, layout="(batch, seq_len)")
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise DTypeError(f"{fn}: input_ids must be int64/int32 token ids, got {input_ids.dtype}")
+        check_token_ids(input_ids, self.config.vocab_size, fn=fn)
         if state is not None and len(state) != len(self.blocks):
             raise ShapeError(f"{fn}: state must hold one MemoryState per layer ({len(self.blocks)}), got {len(state)}")
         x = self.embed(input_ids)  # (B, L, D)

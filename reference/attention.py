@@ -14,7 +14,14 @@ import torch
 from torch import Tensor, nn
 
 from reference.primitives import apply_rotary, rotary_cos_sin
-from reference.validation import MemarchError, ShapeError, check_floating, check_rank
+from reference.validation import (
+    MemarchError,
+    ShapeError,
+    check_float64_mix,
+    check_floating,
+    check_rank,
+    check_same_device,
+)
 
 __all__ = ["SlidingWindowAttention", "sliding_window_attention"]
 
@@ -24,6 +31,8 @@ def validate_swa(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float | No
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_floating(t, name, fn=fn)
         check_rank(t, name, 4, fn=fn, layout="(B, H, L, Dh) for q, (B, H, P + L, Dh) for k and v")
+    check_float64_mix(("q", q), ("k", k), ("v", v), fn=fn)
+    check_same_device(("q", q), ("k", k), ("v", v), fn=fn)
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise MemarchError(f"{fn}: window must be an int >= 1 (it counts the current token), got {window!r}")
     if isinstance(num_prefix, bool) or not isinstance(num_prefix, int) or num_prefix < 0:

@@ -31,7 +31,7 @@ from reference.deq_solvers import (
     relative_residual,
     solve,
 )
-from reference.validation import ConfigError, ConvergenceError, ShapeError, check_floating
+from reference.validation import ConfigError, ConvergenceError, ShapeError, check_finite_all, check_floating
 
 __all__ = [
     "BACKWARD_MODES",
@@ -353,6 +353,8 @@ class FixedPointBlock(nn.Module):
     def forward(self, x: Tensor, mem: Tensor | None = None, *, z_init: Tensor | None = None,
                 mem_scale: float | None = None) -> Tensor:
         self._validate(x, mem, z_init)
+        # one host sync: a NaN/inf input would otherwise surface as a solver failure that names no argument
+        check_finite_all(("x", x), *(() if mem is None else (("mem", mem),)), fn="FixedPointBlock")
         f = self.map(x, mem, mem_scale)
         z0 = torch.zeros_like(x) if z_init is None else z_init
         z, info = self.solve(f, z0.reshape(-1, self.d_model))  # (N, d_model)

@@ -158,6 +158,8 @@ def energy_stop(energy: Callable[[Tensor], Tensor], tol_energy: float) -> StopFn
 
     `energy` maps (B, *S) to (B,). A sample then stops only when both the residual and the energy test pass.
     """
+    if isinstance(tol_energy, bool) or not isinstance(tol_energy, (int, float)) or not tol_energy > 0:
+        raise ConfigError(f"energy_stop: tol_energy must be a number > 0, got {tol_energy!r}")
     def stop(z: Tensor, fz: Tensor) -> Tensor:
         return (energy(fz) - energy(z)).abs() <= tol_energy
     return stop

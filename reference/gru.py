@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reference.validation import ConfigError, DTypeError, check_rank
+from reference.validation import ConfigError, ShapeError, check_floating, check_token_ids
 
 
 @dataclass(frozen=True)
@@ -55,12 +55,15 @@ class GRUModel(nn.Module):
         self.rnn = nn.GRU(config.embed_dim, config.hidden_dim, num_layers=config.num_layers, batch_first=True)
         self.head = nn.Linear(config.hidden_dim, config.vocab_size)
 
-    def check_input(self, input_ids: torch.Tensor) -> None:
-        check_rank(input_ids, "input_ids", 2, fn="GRUModel.forward", layout="(batch, seq_len)")
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise DTypeError(f"GRUModel.forward: input_ids must be int64/int32 token ids, got {input_ids.dtype}")
-        if input_ids.shape[1] == 0:
-            raise ConfigError("GRUModel.forward: input_ids has seq_len 0; sequences must hold at least one token")
+    def check_input(self, input_ids: torch.Tensor, state: torch.Tensor | None = None) -> None:
+        fn = "GRUModel.forward"
+        check_token_ids(input_ids, self.config.vocab_size, fn=fn)
+        if state is not None:
+            check_floating(state, "state", fn=fn)
+            want = (self.config.num_layers, input_ids.shape[0], self.config.hidden_dim)
+            if tuple(state.shape) != want:
+                raise ShapeError(f"{fn}: state must have shape (num_layers, batch, hidden_dim) = {want}, "
+                                 f"got {tuple(state.shape)}")
 
     def recurrence(self, x: torch.Tensor, h0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """[GRU-5] The stacked GRU over time: x (B, L, E), initial state h0 (num_layers, B, H) or zeros →
@@ -86,9 +89,7 @@ class GRUModel(nn.Module):
                 return_state: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
         """Logits (B, L, vocab); with `return_state`, {"logits", "state"} where state (num_layers, B, H) is the
         last hidden state, to be passed back as `state` for the next segment (truncated BPTT)."""
-        self.check_input(input_ids)
-        if state is not None:
-            check_rank(state, "state", 3, fn="GRUModel.forward", layout="(num_layers, batch, hidden_dim)")
+        self.check_input(input_ids, state)
         x = self.embed(input_ids)  # (B, L, E)
         hidden, last = self.recurrence(x, state)
         logits = self.head(hidden)  # (B, L, vocab)

@@ -16,9 +16,29 @@ import math
 import torch
 from torch import Tensor
 
-from reference.validation import MemarchError, ShapeError, check_floating, check_rank
+from reference.validation import (
+    MemarchError,
+    ShapeError,
+    check_float64_mix,
+    check_floating,
+    check_rank,
+    check_same_device,
+)
 
 __all__ = ["omega_memory", "omega_weights", "persistent_memory", "validate_omega"]
+
+
+def validate_window_and_decay(window: int, decay_base: float, fn: str) -> None:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise MemarchError(f"{fn}: window must be an int >= 1 (it counts the current token), got {window!r}")
+    if not (isinstance(decay_base, (int, float)) and 0 < decay_base <= 1):
+        raise MemarchError(f"{fn}: decay_base must be a number in (0, 1], got {decay_base!r}")
+
+
+def validate_omega_weights(gate: Tensor, window: int, decay_base: float, fn: str) -> None:
+    check_floating(gate, "gate", fn=fn)
+    check_rank(gate, "gate", 3, fn=fn, layout="(B, H, L)")
+    validate_window_and_decay(window, decay_base, fn)
 
 
 def validate_omega(q: Tensor, k: Tensor, gate: Tensor, window: int, decay_base: float,
@@ -32,10 +52,10 @@ def validate_omega(q: Tensor, k: Tensor, gate: Tensor, window: int, decay_base: 
     check_floating(gate, "gate", fn=fn)
     if tuple(gate.shape) != tuple(q.shape[:3]):
         raise ShapeError(f"{fn}: gate must have shape (B, H, L) = {tuple(q.shape[:3])}, got {tuple(gate.shape)}")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise MemarchError(f"{fn}: window must be an int >= 1 (it counts the current token), got {window!r}")
-    if not (isinstance(decay_base, (int, float)) and 0 < decay_base <= 1):
-        raise MemarchError(f"{fn}: decay_base must be a number in (0, 1], got {decay_base!r}")
+    check_float64_mix(("q", q), ("k", k), ("gate", gate), ("M_persistent", M_persistent),
+                      ("norm_persistent", norm_persistent), fn=fn)
+    check_same_device(("q", q), ("k", k), ("gate", gate), fn=fn)
+    validate_window_and_decay(window, decay_base, fn)
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
         raise MemarchError(f"{fn}: eps must be a finite number >= 0, got {eps!r}")
     if (M_persistent is None) != (norm_persistent is None):
@@ -54,8 +74,7 @@ def validate_omega(q: Tensor, k: Tensor, gate: Tensor, window: int, decay_base: 
 
 def omega_weights(gate: Tensor, window: int, decay_base: float) -> Tensor:
     """[MAG-2] The weights γ_i^(t) = decay_base^(t−i)·gate_i for t − c < i ≤ t, else 0, as (B, H, L, L) [t, i]."""
-    check_floating(gate, "gate", fn="omega_weights")
-    check_rank(gate, "gate", 3, fn="omega_weights", layout="(B, H, L)")
+    validate_omega_weights(gate, window, decay_base, "omega_weights")
     length = gate.shape[2]
     rows: list[Tensor] = []
     for t in range(length):

@@ -17,6 +17,7 @@ __all__ = ["log_stablemax", "perp_grad", "stablemax", "stablemax_cross_entropy",
 
 def stablemax_s(x: Tensor) -> Tensor:
     """[TITANS-16] s(x) = x + 1 for x ≥ 0, 1 / (1 − x) for x < 0 (continuous, positive, s(0) = 1)."""
+    check_floating(x, "x", fn="stablemax_s")
     positive = torch.clamp(x, min=0) + 1
     negative = 1 / (1 - torch.clamp(x, max=0))  # both branches finite everywhere, so gradients are too
     return torch.where(x >= 0, positive, negative)
@@ -47,16 +48,25 @@ def stablemax_cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int =
     if tuple(targets.shape) != tuple(logits.shape[:-1]):
         raise ShapeError(f"stablemax_cross_entropy: targets must have shape logits.shape[:-1] = "
                          f"{tuple(logits.shape[:-1])}, got {tuple(targets.shape)}")
-    flat = log_stablemax(logits.reshape(-1, logits.shape[-1]))  # (N, V)
     t = targets.reshape(-1)
     keep = t != ignore_index
-    picked = flat.gather(1, torch.where(keep, t, 0).long()[:, None])[:, 0]  # (N,)
+    counted = torch.where(keep, t, 0)
+    if counted.numel() > 0 and not torch.compiler.is_compiling():  # one sync: a bad id would fail in gather
+        bounds = torch.aminmax(counted)
+        low, high = int(bounds.min.item()), int(bounds.max.item())
+        if low < 0 or high >= logits.shape[-1]:
+            raise ShapeError(f"stablemax_cross_entropy: targets must lie in [0, V={logits.shape[-1]}) or equal "
+                             f"ignore_index={ignore_index}, got min {low}, max {high}")
+    flat = log_stablemax(logits.reshape(-1, logits.shape[-1]))  # (N, V)
+    picked = flat.gather(1, counted.long()[:, None])[:, 0]  # (N,)
     count = keep.sum().clamp_min(1).to(flat.dtype)
     return -(picked * keep.to(flat.dtype)).sum() / count
 
 
 def perp_grad(weight: Tensor, grad: Tensor) -> Tensor:
     """[TITANS-18] ⊥Grad: g − (⟨θ, g⟩ / ⟨θ, θ⟩) θ, per weight tensor θ; g unchanged where θ = 0."""
+    check_floating(weight, "weight", fn="perp_grad")
+    check_floating(grad, "grad", fn="perp_grad")
     if weight.shape != grad.shape:
         raise ShapeError(f"perp_grad: grad must have the weight's shape {tuple(weight.shape)}, got {tuple(grad.shape)}")
     theta_sq = (weight * weight).sum()

@@ -2,7 +2,8 @@
 
 Every message names the argument, what was given and what is allowed, so that a user can fix the call
 without reading our code. Checks run once per call, before any loop; none of them syncs the host except
-`check_finite`, which callers use only where non-finite input would silently poison a result.
+`check_finite`/`check_finite_all`, which callers use only where non-finite input would silently poison a result,
+and the id range of `check_token_ids` (one reduction per model call).
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ __all__ = [
     "NonFiniteError",
     "ShapeError",
     "check_finite",
+    "check_finite_all",
+    "check_float64_mix",
     "check_floating",
     "check_in_range",
     "check_positive",
     "check_rank",
     "check_same_device",
     "check_size",
+    "check_token_ids",
 ]
 
 
@@ -93,10 +97,46 @@ def check_floating(x: torch.Tensor, name: str, *, fn: str | None = None) -> None
 
 def check_same_device(*named: tuple[str, torch.Tensor], fn: str | None = None) -> None:
     """Raise MemarchError when tensors live on different devices."""
-    devices = {str(t.device) for _, t in named}
+    devices = {t.device for _, t in named}
     if len(devices) > 1:
         listing = ", ".join(f"{n} on {t.device}" for n, t in named)
         raise MemarchError(f"{_where(fn)}all tensors must be on one device, got {listing}")
+
+
+def check_float64_mix(*named: tuple[str, torch.Tensor | None], fn: str | None = None) -> None:
+    """Raise DTypeError when a float64 tensor meets a tensor of another dtype in one call (`None` entries skipped).
+
+    float64 is the dtype of exactness checks, so float64 next to float32 means one argument was not converted;
+    left alone, one implementation raises a bare RuntimeError and the other silently computes in float32.
+    Mixes of half precision and float32 are allowed: autocast produces them.
+    """
+    present = [(n, t) for n, t in named if t is not None]
+    dtypes = {t.dtype for _, t in present}
+    if torch.float64 in dtypes and len(dtypes) > 1:
+        listing = ", ".join(f"{n} is {t.dtype}" for n, t in present)
+        raise DTypeError(f"{_where(fn)}{', '.join(n for n, _ in present)} mix float64 with another dtype ({listing}); "
+                         f"convert them to one dtype with .to(dtype)")
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int, *, name: str = "input_ids", fn: str | None = None,
+                    layout: str = "(batch, seq_len)") -> None:
+    """Token ids: an int64/int32 tensor of rank 2 `layout` with batch and length >= 1 and every id in
+    [0, vocab_size). The range check is one reduction read back to the host; under torch.compile it is skipped (the
+    embedding lookup still fails on a bad id, with a less helpful message)."""
+    check_rank(input_ids, name, 2, fn=fn, layout=layout)
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise DTypeError(f"{_where(fn)}{name} must be int64/int32 token ids, got {input_ids.dtype}")
+    if input_ids.shape[0] == 0:
+        raise ShapeError(f"{_where(fn)}{name} has batch size 0, got shape {tuple(input_ids.shape)}")
+    if input_ids.shape[1] == 0:
+        raise ShapeError(f"{_where(fn)}{name} has seq_len 0; sequences must hold at least one token")
+    if torch.compiler.is_compiling():
+        return
+    bounds = torch.aminmax(input_ids)
+    low, high = int(bounds.min.item()), int(bounds.max.item())
+    if low < 0 or high >= vocab_size:
+        raise ShapeError(f"{_where(fn)}{name}: token ids must lie in [0, vocab_size={vocab_size}), got min {low}, "
+                         f"max {high}")
 
 
 def check_finite(x: torch.Tensor, name: str, *, fn: str | None = None) -> None:
@@ -104,6 +144,15 @@ def check_finite(x: torch.Tensor, name: str, *, fn: str | None = None) -> None:
     if not bool(torch.isfinite(x).all()):
         n_bad = int((~torch.isfinite(x)).sum())
         raise NonFiniteError(f"{_where(fn)}{name} holds {n_bad} non-finite value(s) (NaN or inf)")
+
+
+def check_finite_all(*named: tuple[str, torch.Tensor], fn: str | None = None) -> None:
+    """`check_finite` for several tensors with one host sync; the message names the first one that fails."""
+    tensors = [t for _, t in named]
+    if bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        return
+    for name, t in named:
+        check_finite(t, name, fn=fn)
 
 
 def check_positive(value: float, name: str, *, fn: str | None = None, allow_zero: bool = False) -> None:

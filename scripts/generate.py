@@ -37,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     try:
+        if args.max_tokens < 0:
+            raise ConfigError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+        if args.top_k < 0:
+            raise ConfigError(f"--top-k must be >= 0 (0: no truncation), got {args.top_k}")
+        if not args.temperature >= 0:
+            raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
         path = args.model / CHECKPOINT_NAME if args.model.is_dir() else args.model
         state = load_checkpoint(path)
         exp = load_experiment(state["config"])

@@ -59,8 +59,12 @@ def test_gru_rejects_bad_input(cls: type[RefGRU]) -> None:
         model(torch.zeros(2, 3, 4, dtype=torch.long))
     with pytest.raises(DTypeError, match=r"input_ids must be int64/int32 token ids, got torch.float32"):
         model(torch.zeros(2, 3))
-    with pytest.raises(ConfigError, match=r"seq_len 0"):
+    with pytest.raises(ShapeError, match=r"seq_len 0"):
         model(torch.zeros(2, 0, dtype=torch.long))
+    with pytest.raises(ShapeError, match=r"input_ids: token ids must lie in \[0, vocab_size=9\), got min 0, max 9"):
+        model(torch.tensor([[0, 9]]))
+    with pytest.raises(ShapeError, match=r"state must have shape \(num_layers, batch, hidden_dim\) = \(1, 2, 5\)"):
+        model(torch.zeros(2, 3, dtype=torch.long), state=torch.zeros(1, 2, 4))
     with pytest.raises(ConfigError, match=r"hidden_dim: must be an integer >= 1, got 0"):
         GRUConfig(vocab_size=9, hidden_dim=0)
 

@@ -33,8 +33,10 @@ def generate(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, *, tem
         raise ConfigError(f"generate: prompt must be (batch, length >= 1) token ids, got shape {tuple(prompt.shape)}")
     if max_new_tokens < 0:
         raise ConfigError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
+    if not temperature >= 0:
         raise ConfigError(f"generate: temperature must be >= 0, got {temperature}")
+    if top_k < 0:
+        raise ConfigError(f"generate: top_k must be >= 0 (0: no truncation), got {top_k}")
     model.eval()
     g = torch.Generator().manual_seed(seed)
     out = prompt

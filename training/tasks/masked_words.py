@@ -15,6 +15,7 @@ from functools import cached_property
 import torch
 
 from training.config import require
+from training.tasks import check_batch_args, check_split
 from training.tasks.needle import IGNORE_INDEX
 from training.tasks.text import load_tokens
 from training.tokenizer import ByteTokenizer
@@ -94,8 +95,7 @@ class MaskedWordsTask:
         return load_tokens(self.cfg.file, "byte", self.cfg.text_field)
 
     def split_tokens(self, split: str) -> torch.Tensor:
-        if split not in SPLIT_OFFSETS:
-            raise ValueError(f"split must be one of {', '.join(SPLIT_OFFSETS)}, got {split!r}")
+        check_split(split, SPLIT_OFFSETS)
         cut = len(self.tokens) - int(len(self.tokens) * self.cfg.val_fraction)
         part = self.tokens[:cut] if split == "train" else self.tokens[cut:]
         if len(part) <= self.cfg.seq_len:
@@ -105,6 +105,7 @@ class MaskedWordsTask:
 
     def batch(self, split: str, index: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch `index` of `split`, a pure function of its arguments; input_ids and targets (B, seq_len)."""
+        check_batch_args(split, index, batch_size, SPLIT_OFFSETS)
         tokens = self.split_tokens(split)
         L = self.cfg.seq_len
         g = torch.Generator().manual_seed((seed * 7_919_993 + SPLIT_OFFSETS[split] + index * 104_729) % 2**63)

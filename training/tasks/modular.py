@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 
 from training.config import require
+from training.tasks import check_batch_args, check_split
 from training.tasks.needle import IGNORE_INDEX
 
 SPLIT_OFFSETS = {"train": 0, "val": 1_000_003, "test": 2_000_006}
@@ -75,12 +76,12 @@ class ModularTask:
         return x, y
 
     def split_pairs(self, split: str) -> torch.Tensor:
-        if split not in SPLIT_OFFSETS:
-            raise ValueError(f"split must be one of {', '.join(SPLIT_OFFSETS)}, got {split!r}")
+        check_split(split, SPLIT_OFFSETS)
         return self.pairs["train" if split == "train" else "val"]
 
     def batch(self, split: str, index: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch `index` of `split`: `batch_size` pairs drawn uniformly (with replacement) from the split."""
+        check_batch_args(split, index, batch_size, SPLIT_OFFSETS)
         pairs = self.split_pairs(split)
         g = torch.Generator().manual_seed((seed * 7_919_993 + SPLIT_OFFSETS[split] + index * 104_729) % 2**63)
         pick = torch.randint(0, pairs.shape[0], (batch_size,), generator=g)

@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 
 from training.config import require
+from training.tasks import check_batch_args, check_split
 from training.tasks.masked_words import SPLIT_OFFSETS, MaskedWordsConfig, MaskedWordsTask
 from training.tasks.modular import ModularConfig, ModularTask
 
@@ -41,12 +42,12 @@ class MultiTask:
         self.vocab_size = self.math.vocab_size
 
     def kind(self, split: str, index: int, seed: int) -> Kind:
-        if split not in SPLIT_OFFSETS:
-            raise ValueError(f"split must be one of {', '.join(SPLIT_OFFSETS)}, got {split!r}")
+        check_split(split, SPLIT_OFFSETS)
         g = torch.Generator().manual_seed((seed * 15_485_863 + SPLIT_OFFSETS[split] + index * 32_452_843 + 17) % 2**63)
         return "math" if float(torch.rand((), generator=g, dtype=torch.float64)) < self.cfg.math_fraction \
             else "language"
 
     def batch(self, split: str, index: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        check_batch_args(split, index, batch_size, SPLIT_OFFSETS)
         task = self.math if self.kind(split, index, seed) == "math" else self.language
         return task.batch(split, index, batch_size, seed)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from training.config import require
+from training.tasks import check_batch_args
 
 IGNORE_INDEX = -100
 SPLIT_OFFSETS = {"train": 0, "val": 1_000_003, "test": 2_000_006}
@@ -55,8 +56,7 @@ class NeedleTask:
 
         Returns input_ids (B, L) int64 and targets (B, L) int64 with IGNORE_INDEX except the last position.
         """
-        if split not in SPLIT_OFFSETS:
-            raise ValueError(f"split must be one of {', '.join(SPLIT_OFFSETS)}, got {split!r}")
+        check_batch_args(split, index, batch_size, SPLIT_OFFSETS)
         cfg = self.cfg
         g = torch.Generator().manual_seed((seed * 7_919_993 + SPLIT_OFFSETS[split] + index * 104_729) % 2**63)
         B, L, n = batch_size, cfg.seq_len, cfg.n_needles

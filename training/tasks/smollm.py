@@ -25,6 +25,7 @@ import torch
 
 from reference.validation import ConfigError
 from training.config import require
+from training.tasks import check_batch_args
 from training.tokenizer import load_tokenizer
 
 __all__ = ["SUBSETS", "SmolLMConfig", "SmolLMTask"]
@@ -167,8 +168,7 @@ class SmolLMTask:
         return subset, period * self.counts[subset] + pattern[:offset].count(subset)
 
     def batch(self, split: str, index: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"split must be one of train, val, test, got {split!r}")
+        check_batch_args(split, index, batch_size, ("train", "val", "test"))
         rows = []
         for r in range(batch_size):
             subset, n = self.slot(index * batch_size + r, seed)

@@ -15,6 +15,7 @@ import torch
 
 from reference.validation import ConfigError
 from training.config import require
+from training.tasks import check_batch_args
 from training.tokenizer import load_tokenizer
 
 FORMATS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -98,8 +99,7 @@ class TextTask:
         return tokens[:cut] if split == "train" else tokens[cut:]
 
     def batch(self, split: str, index: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if split not in SPLIT_OFFSETS:
-            raise ValueError(f"split must be one of {', '.join(SPLIT_OFFSETS)}, got {split!r}")
+        check_batch_args(split, index, batch_size, SPLIT_OFFSETS)
         split_key = "train" if split == "train" else "val"
         g = torch.Generator().manual_seed((seed * 7_919_993 + SPLIT_OFFSETS[split] + index * 104_729) % 2**63)
         which = torch.multinomial(self.weights, batch_size, replacement=True, generator=g)
