@@ -431,23 +431,25 @@ def train(exp: ExperimentConfig, *, impl: str, device: torch.device, out_dir: st
                 name = signal.Signals(flag.signal).name if flag.signal is not None else "signal on another rank"
                 status = f"interrupted ({name})"
                 break
-    bar.close()
-    if metrics_file is not None:
-        metrics_file.close()
-    if status == "completed" and stop_at < tc.steps:
-        status = "stopped at --max-steps"
-    if start == stop_at and not evals:
-        evals = evaluate(model, task, exp, device)
-        evals.update(run_probes(tc.probes, unwrap(model), exp, device))
-    wall = elapsed_before + time.perf_counter() - t0
-    summary: dict[str, Any] = {
-        "status": status, "steps": step, "planned_steps": tc.steps, "impl": impl, "device": str(device),
-        "model": model_name_of(exp.model), "task": task_name_of(exp.task),
-        "parameters": sum(p.numel() for p in core.parameters()) * (dist.world_size if dist.fsdp else 1),
-        "first_loss": first_loss, "final_loss": last.get("loss"), "final_train_accuracy": last.get("accuracy"),
-        **evals, "skipped_steps": skipped, "wall_time_s": wall, "world_size": dist.world_size,
-        "config": config_dict, "source": exp.source,
-    }
-    if main:
-        atomic_write_text(out / SUMMARY_NAME, json.dumps(summary, indent=2))
+    # the final checkpoint is written; a signal from here on is noted, not raised, so the summary is finished
+    with _catch_signals(flag):
+        bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+        if status == "completed" and stop_at < tc.steps:
+            status = "stopped at --max-steps"
+        if start == stop_at and not evals:
+            evals = evaluate(model, task, exp, device)
+            evals.update(run_probes(tc.probes, unwrap(model), exp, device))
+        wall = elapsed_before + time.perf_counter() - t0
+        summary: dict[str, Any] = {
+            "status": status, "steps": step, "planned_steps": tc.steps, "impl": impl, "device": str(device),
+            "model": model_name_of(exp.model), "task": task_name_of(exp.task),
+            "parameters": sum(p.numel() for p in core.parameters()) * (dist.world_size if dist.fsdp else 1),
+            "first_loss": first_loss, "final_loss": last.get("loss"), "final_train_accuracy": last.get("accuracy"),
+            **evals, "skipped_steps": skipped, "wall_time_s": wall, "world_size": dist.world_size,
+            "config": config_dict, "source": exp.source,
+        }
+        if main:
+            atomic_write_text(out / SUMMARY_NAME, json.dumps(summary, indent=2))
     return summary
