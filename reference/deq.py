@@ -152,7 +152,7 @@ def _attach_implicit_backward(f: Map, z_star: Tensor, solve_fn: SolveFn, config:
             if kwargs["policy"] == "raise":
                 raise ConvergenceError(msg)
             warnings.warn(msg, ConvergenceWarning, stacklevel=2)
-        return g
+        return g.to(grad.dtype)  # under autocast the solve may promote (bf16 grad, float32 iterate)
 
     out = y.view_as(y)  # the hook sits on this alias, so the VJPs through y inside it do not re-trigger it
     out.register_hook(adjoint)

@@ -73,6 +73,21 @@ def test_resuming_a_finished_run_keeps_its_summary(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "summary.json").read_text())["final_loss"] == full["final_loss"]
 
 
+def test_resuming_a_finished_run_restores_the_model_schedule_state(tmp_path: Path) -> None:
+    """EMMA's mem_scale / oracle-mix schedules live in the model (`on_step`): a run resumed at its last step must
+    evaluate with them as they were at that step (found by the soak: val_loss differed with equal weights)."""
+    exp = load_experiment({"model": {"name": "emma_liquid", "embed_dim": 8, "hidden_dim": 16, "mem_dim": 16,
+                                     "steps_per_epoch": 2, "warm_start_epochs": 1, "oracle_mix_ramp_epochs": 1,
+                                     "mem_scale_start": 0.5, "mem_scale_end": 1.0, "mem_scale_ramp_epochs": 2,
+                                     "num_filler": 4, "num_keys": 4, "num_values": 4},
+                           "task": SMALL["task"],
+                           "train": {**SMALL["train"], "steps": 6, "checkpoint_every": 6}})
+    full = train(exp, impl="optimized", device=CPU, out_dir=tmp_path, progress=False)
+    (tmp_path / "summary.json").unlink()
+    again = train(exp, impl="optimized", device=CPU, out_dir=tmp_path, resume=True, progress=False)
+    assert again["val_loss"] == full["val_loss"]
+
+
 def test_resume_refuses_a_different_config(tmp_path: Path) -> None:
     train(load_experiment(SMALL), impl="optimized", device=CPU, out_dir=tmp_path, max_steps=2, progress=False)
     other = load_experiment({**SMALL, "train": {**SMALL["train"], "lr": 5e-3}})

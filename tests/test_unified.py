@@ -318,3 +318,17 @@ def test_cuda_optimized_model_matches_reference(mode: str, dtype: torch.dtype) -
                tol_fixedpoint=1e-4 if dtype == torch.float32 else 1e-2, tol_energy=1e-4)
     r, o = build(ref, cfg), build(opt, cfg)
     assert_modules_equivalent(r, o, [tokens(13, (2, 64), 1)], dtype=dtype, device="cuda")
+
+
+@IMPLS
+def test_bf16_autocast_training_step_with_the_implicit_backward(impl: Any) -> None:
+    """Found by the soak: under autocast the adjoint solve returned a float32 gradient for a bf16 value."""
+    torch.manual_seed(0)
+    model = impl.UnifiedMambaHopfieldDEQ(tiny(max_iterations=8, tol_fixedpoint=1e-3))
+    ids = torch.randint(0, 13, (2, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(ids)
+    logits.float().sum().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert any(g is not None for g in grads)
+    assert all(g is None or (g.dtype == torch.float32 and bool(torch.isfinite(g).all())) for g in grads)

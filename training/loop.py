@@ -373,6 +373,9 @@ def train(exp: ExperimentConfig, *, impl: str, device: torch.device, out_dir: st
                desc=f"{model_name_of(exp.model)}[{impl}]", dynamic_ncols=True,
                mininterval=0.1 if interactive else 30.0)
     metrics_file = metrics_path.open("a") if main else None
+    on_step = getattr(core, "on_step", None)
+    if callable(on_step) and start > 0:  # a resumed model gets the schedule state of its last step back
+        on_step(start - 1, tc.steps)
     with _catch_signals(flag):
         while step < stop_at:
             on_step = getattr(core, "on_step", None)
