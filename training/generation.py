@@ -9,20 +9,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from reference.unified import sample_token
 from reference.validation import ConfigError
 from training.loop import split_output
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int, generator: torch.Generator) -> torch.Tensor:
-    """One token per row from logits (B, V): greedy at temperature 0, else softmax(logits/T) over the top k."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    scaled = logits.float() / temperature
-    if 0 < top_k < scaled.shape[-1]:
-        kth = scaled.topk(top_k, dim=-1).values[..., -1:]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+    """One token per row from logits (B, V): greedy at temperature 0, else softmax(logits/T) over the top k
+    (the sampler of [UNI-10], shared by every model)."""
+    return sample_token(logits, temperature, top_k, generator)
 
 
 @torch.no_grad()
