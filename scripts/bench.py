@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from training.benchmarks import BenchArgs, discover, format_table
-from training.benchmarks.models import bench_models, registered_models, summarize
+from training.benchmarks.models import bench_models, model_config, parse_overrides, registered_models, summarize
 from training.device import resolve_device
 
 
@@ -35,7 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-reference", action="store_true",
                         help="--model: optimized rows only (the reference was timed in an earlier run)")
     parser.add_argument("--batch-size", type=int, default=None, help="batch size for --model")
+    parser.add_argument("--ref-autocast", action="store_true",
+                        help="--model: also time the reference under bf16 autocast (CUDA)")
     parser.add_argument("--no-compile", action="store_true", help="--model: skip the torch.compile rows")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="--model: override a field of the model's config (YAML value), e.g. --set "
+                             "memory_size=5000 --set disable_memory=true; repeatable")
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
     parser.add_argument("--quick", action="store_true", help="small sizes (for tests and smoke runs)")
     parser.add_argument("--repeat", type=int, default=10, help="timed repetitions (median reported)")
@@ -55,11 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     if bad_models:
         parser.error(f"--model {bad_models[0]!r} is not registered; "
                      f"choose one of: all, {', '.join(registered_models())}")
+    try:
+        overrides = parse_overrides(args.overrides)
+        for name in models:
+            model_config(name, overrides)  # unknown keys and bad values fail here, before any timing
+    except ValueError as err:
+        parser.error(str(err))
     device = resolve_device(args.device)
     bench_args = BenchArgs(device=device, quick=args.quick, repeat=args.repeat,
                            extra={"seq_lens": args.seq_lens, "batch_size": args.batch_size,
                                   "ref_seq_lens": args.ref_seq_lens, "no_compile": args.no_compile,
-                                  "no_reference": args.no_reference})
+                                  "no_reference": args.no_reference, "model_overrides": overrides,
+                                  "ref_autocast": args.ref_autocast})
     machine = (f"{platform.machine()} {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
                f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"# memarch bench on {machine}")

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.benchmarks.models import BENCH_VOCAB, model_config, time_training_step
+from training.benchmarks.models import BENCH_VOCAB, model_config, parse_overrides, time_training_step
 from training.device import resolve_device
 from training.registry import MODELS, build_model
 
@@ -28,12 +28,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--rows", type=int, default=20)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field of the model's config (YAML value); repeatable")
     args = parser.parse_args(argv)
     if args.seq_len < 1 or args.batch_size < 1:
         parser.error("--seq-len and --batch-size must be >= 1")
+    try:
+        cfg = model_config(args.model, parse_overrides(args.overrides))
+    except ValueError as err:
+        parser.error(str(err))
     device = resolve_device(args.device)
     torch.manual_seed(0)
-    model = build_model(model_config(args.model), args.impl).to(device)
+    model = build_model(cfg, args.impl).to(device)
     x = torch.randint(0, BENCH_VOCAB, (args.batch_size, args.seq_len), device=device)
     y = torch.randint(0, BENCH_VOCAB, (args.batch_size, args.seq_len), device=device)
     time_training_step(model, x, y, device=device, amp=False, compiled=False, warmup=1, repeat=1)  # warm up

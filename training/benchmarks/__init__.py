@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -37,6 +38,13 @@ class BenchRow:
     throughput: str = ""  # e.g. "512 GB/s" or "1.2e6 tok/s"
     floor_fraction: float | None = None  # fraction of the hardware floor, where one is defined
     note: str = ""
+
+    def __post_init__(self) -> None:
+        # Progress: every row goes to stderr as soon as it is measured, so a run cut off by a time limit keeps
+        # the rows it finished (the Markdown table on stdout comes at the end of each op).
+        ms = f"{self.ms:.3f} ms" if self.ms == self.ms else "—"
+        print(f"# row: {self.op} | {self.impl} | {self.params} | {ms} | {self.dispatch} | {self.throughput} | "
+              f"{self.note}", file=sys.stderr, flush=True)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import yaml
 
 from training.benchmarks import BenchArgs, BenchRow, time_fn
 from training.loop import loss_and_accuracy, split_output
@@ -22,10 +23,27 @@ from training.registry import MODELS, build_model, get_model_spec
 BENCH_VOCAB = 256
 
 
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """`KEY=VALUE` strings (`--set`) -> {key: YAML-parsed value}; a malformed item raises ValueError."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set memory_size=5000")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ValueError(f"--set {item!r}: the value is not valid YAML ({err})") from err
+    return out
+
+
 def model_config(name: str, overrides: dict[str, Any] | None = None) -> Any:
-    """The model's default config with a small vocabulary (and any overrides)."""
+    """The model's default config with a small vocabulary (and any overrides); unknown fields raise ValueError."""
     cls = get_model_spec(name).config_cls
     fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides or {}) - fields)
+    if unknown:
+        raise ValueError(f"model {name!r} has no config field {unknown[0]!r}; its fields: {', '.join(sorted(fields))}")
     data: dict[str, Any] = {"vocab_size": BENCH_VOCAB} if "vocab_size" in fields else {}
     data.update(overrides or {})
     return cls(**data)
@@ -59,7 +77,9 @@ def bench_model(name: str, args: BenchArgs, *, seq_lens: Sequence[int], batch_si
     device = args.device
     cfg = model_config(name, args.extra.get("model_overrides"))
     rows: list[BenchRow] = []
-    plan: list[tuple[str, bool, bool, int]] = [("reference", False, False, L) for L in (ref_seq_lens or seq_lens)
+    ref_amp = (False, True) if args.extra.get("ref_autocast") and device.type == "cuda" else (False,)
+    plan: list[tuple[str, bool, bool, int]] = [("reference", False, amp, L) for amp in ref_amp
+                                               for L in (ref_seq_lens or seq_lens)
                                                if not args.extra.get("no_reference")]
     plan += [("optimized", compiled, amp, L) for compiled in compile_modes for amp in autocast for L in seq_lens
              if not (amp and device.type != "cuda")]
@@ -111,6 +131,12 @@ def summarize(rows: Sequence[BenchRow]) -> list[str]:
                 ratio = tok_s(other, opt[other]) / tok_s(params, ms)
                 lines.append(f"{op}: optimized at {other} runs {ratio:.1f}x the tokens/s of the reference at {params} "
                              "(eager fp32; the reference's per-token cost does not fall with L)")
+        bf16 = [r for r in rows if r.op == op and r.dispatch == "eager+bf16" and r.ms == r.ms]
+        ref_bf16 = {r.params: r.ms for r in bf16 if r.impl == "reference"}
+        for r in bf16:
+            if r.impl == "optimized" and r.params in ref_bf16:
+                lines.append(f"{op} {r.params}: optimized {ref_bf16[r.params] / r.ms:.1f}x the reference's tokens/s "
+                             "(eager, bf16 autocast)")
         if len(opt) > 1:
             def per_token(params: str, opt: dict[str, float] = opt) -> float:
                 b, length = (int(v.split("=")[1]) for v in params.split())
