@@ -1,19 +1,29 @@
-"""The Omega-rule memory of Atlas-MAG, fast: the banded q·k Gram form over blocks, never a (Dh, Dh) matrix per token.
+"""The Omega-rule memory of Atlas-MAG, fast: the banded q·k Gram form, never a (Dh, Dh) matrix per token.
 
 Implements `reference.omega.omega_memory`. Expanding M_t q_t gives
 
     M_t q_t = M_persistent q_t + Σ_{t−c<i≤t} γ_i^(t) (k_i · q_t) k_i,    norm_sum_t = n_p + Σ γ_i^(t) ‖k_i‖²
 
-i.e. linear attention whose values are the keys, under the banded weight W[t, i] = decay^(t−i)·gate_i. The
-sequence is cut into blocks of C positions (default 64); query block j meets key block j − m for the
-m = 0 … ⌈(c − 1)/C⌉ block offsets inside the window, each one batched matmul (B, H, L/C, C, C). The weight
-table is formed from the exponent directly (decay^(mC + a − b)), so nothing overflows, underflows early or
-subtracts: the only error is float reassociation of the sums. Memory grows as O(B·H·L·C) per offset and
-time as O(B·H·L·(c + C)·Dh) — linear in L. Python loops run over the block offsets (≤ c/C + 1), never over
-tokens. Half inputs are computed in float32 and cast back.
+i.e. linear attention whose values are the keys, under the banded weight W[t, i] = decay^(t−i)·gate_i. Two
+implementations of that form, chosen by `omega_dispatch` (reported by `scripts/bench.py`):
 
-Measured error vs the float64 reference (tests): float64 ≤ 1e-10, float32 ≤ 1e-5 relative to max|q'|,
-bfloat16 inputs ≤ 1e-2 (the fp32 accumulation leaves only the bf16 rounding of inputs and output).
+* "triton-fused" (CUDA tensors, Triton importable, float32/bfloat16/float16, Dh ≤ 256): the fused kernel
+  `optimized.kernels.omega`, flash-attention style — one program per (query block, batch·head) walks only the
+  key blocks inside the window, Gram scores, weights, the weighted key sum and the denominator stay in
+  registers; the persistent term is added in the kernel. Memory O(B·H·L·Dh), time O(B·H·L·(c + C)·Dh).
+  Gradients recompute the torch form below and differentiate it.
+* "torch-blocked-gram" (CPU, float64, larger heads): `omega_blocked`. The sequence is cut into blocks of C
+  positions (default 64); query block j meets key block j − m for the m = 0 … ⌈(c − 1)/C⌉ block offsets inside
+  the window, each one batched matmul (B, H, L/C, C, C). Memory grows as O(B·H·L·C) per offset and time as
+  O(B·H·L·(c + C)·Dh) — linear in L. Python loops run over the block offsets (≤ c/C + 1), never over tokens.
+
+Both form the weights from the exponent directly (decay^(t−i), or a product of two factors ≤ 1), so nothing
+overflows, underflows early or subtracts: the only error is float reassociation of the sums (and, in the
+kernel under half inputs, the rounding of S∘W to the input dtype before its tensor-core dot, as
+flash-attention rounds its probabilities). Half inputs are computed in float32 and cast back.
+
+Measured error vs the float64 reference (tests): float64 ≤ 1e-10 (torch path), float32 ≤ 1e-5 relative to
+max|q'| (both paths; the kernel's float32 dots are IEEE, not TF32), bfloat16 inputs ≤ 1e-2.
 """
 
 from __future__ import annotations
@@ -24,10 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from optimized.kernels import kernel_available
 from reference.omega import validate_omega, validate_omega_weights
 from reference.validation import MemarchError, check_floating, check_rank
 
-__all__ = ["DEFAULT_BLOCK", "omega_dispatch", "omega_memory", "omega_weights", "persistent_memory"]
+__all__ = ["DEFAULT_BLOCK", "omega_blocked", "omega_dispatch", "omega_memory", "omega_weights", "persistent_memory"]
 
 DEFAULT_BLOCK = 64
 
@@ -36,9 +47,17 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _use_kernel(q: Tensor, k: Tensor) -> bool:
+    if not kernel_available(q):
+        return False
+    from optimized.kernels.omega import kernel_supports
+
+    return kernel_supports(q, k)
+
+
 def omega_dispatch(q: Tensor) -> str:
-    """The code path `omega_memory` takes (reported by `scripts/bench.py`)."""
-    return "torch-blocked-gram"
+    """The code path `omega_memory` takes for queries like `q` (reported by `scripts/bench.py`)."""
+    return "triton-fused" if _use_kernel(q, q) else "torch-blocked-gram"
 
 
 def band_weights(offset: int, block: int, window: int, decay_base: float, dtype: torch.dtype,
@@ -76,13 +95,27 @@ def persistent_memory(k_persistent: Tensor) -> tuple[Tensor, Tensor]:
 def omega_memory(q: Tensor, k: Tensor, gate: Tensor, window: int, decay_base: float = 0.95, *,
                  M_persistent: Tensor | None = None, norm_persistent: Tensor | None = None,
                  eps: float = 1e-6, block: int = DEFAULT_BLOCK) -> Tensor:
-    """Implements `reference.omega.omega_memory` by the blocked banded Gram form (module docstring).
+    """Implements `reference.omega.omega_memory`: the fused Triton kernel on CUDA, else the blocked banded Gram
+    form (module docstring; `omega_dispatch` names the path).
 
-    `block` is the block length C (a speed knob only). Tolerances: float64 1e-10, float32 1e-5, bfloat16 1e-2.
+    `block` is the torch path's block length C (a speed knob only; the kernel picks its own tiles).
+    Tolerances: float64 1e-10, float32 1e-5, bfloat16 1e-2.
     """
     validate_omega(q, k, gate, window, decay_base, M_persistent, norm_persistent, eps, "omega_memory")
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise MemarchError(f"omega_memory: block must be an int >= 1, got {block!r}")
+    if q.shape[2] > 0 and _use_kernel(q, k):
+        from optimized.kernels.omega import omega_triton_autograd
+
+        return omega_triton_autograd(q, k, gate, window, decay_base, M_persistent, norm_persistent, eps)
+    return omega_blocked(q, k, gate, window, decay_base, M_persistent, norm_persistent, eps, block)
+
+
+def omega_blocked(q: Tensor, k: Tensor, gate: Tensor, window: int, decay_base: float,
+                  M_persistent: Tensor | None = None, norm_persistent: Tensor | None = None, eps: float = 1e-6,
+                  block: int = DEFAULT_BLOCK) -> Tensor:
+    """The torch blocked banded Gram form (module docstring) on validated inputs; differentiable by autograd
+    (the Triton path's backward recomputes through it)."""
     B, H, length, Dh = q.shape
     if length == 0:
         return q.new_zeros(q.shape)

@@ -1,7 +1,13 @@
 """Omega-rule memory ([MAG-1] … [MAG-4]): optimized vs reference, causality, window exactness, γ bounds,
-norm bound, closed forms, bad input."""
+norm bound, closed forms, bad input; the Triton kernel in the interpreter, compiled for sm_90, and on CUDA."""
 
 from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +16,7 @@ from hypothesis import strategies as st
 
 import optimized.omega as opt
 import reference.omega as ref
+from optimized.kernels import triton_available, triton_interpreting
 from reference.validation import MemarchError, ShapeError
 from tests.causality import assert_causal
 from tests.equivalence import assert_equivalent
@@ -179,6 +186,101 @@ def test_bad_inputs_are_rejected_with_clear_messages(impl: object) -> None:
            norm_persistent=torch.zeros(2, dtype=torch.float64))
 
 
+# ---------------------------------------------------------------------------------------------- dispatch, kernel
+
+def test_omega_dispatch_on_cpu_is_the_blocked_gram_form() -> None:
+    assert opt.omega_dispatch(torch.zeros(1, 1, 1, 4)) == "torch-blocked-gram"
+
+
+needs_interpreter = pytest.mark.skipif(not (triton_available() and triton_interpreting()),
+                                       reason="Triton kernel test on CPU needs triton and TRITON_INTERPRET=1 "
+                                              "(tox sets it)")
+
+
+def _persistent(kind: str, B: int, H: int, Dh: int, seed: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if kind == "none":
+        return None, None
+    if kind == "shared":  # (H, Dh, Dh), (H,) from persistent keys
+        return ref.persistent_memory(make_tensor((H, 3, Dh), seed))
+    M = make_tensor((B, H, Dh, Dh), seed)  # (B, H, Dh, Dh), not symmetric: catches a transposed M_p
+    return M, torch.rand(B, H, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) + 1
+
+
+# (L, Dh, window, block_m, block_n, decay, persistent): odd L, L < block, window below / above the blocks (interior
+# blocks only exist for window ≥ block_m + block_n), Dh padded (5 -> 16), window beyond L, decay 1 and tiny
+KERNEL_CASES = [(37, 4, 5, 16, 16, 0.9, "shared"), (9, 16, 100, 32, 16, 1.0, "none"), (50, 5, 1, 16, 16, 0.3, "none"),
+                (100, 8, 60, 16, 16, 0.9, "batched"), (83, 8, 1000, 32, 16, 0.97, "shared"),
+                (90, 4, 47, 32, 16, 1.0, "none"), (40, 4, 17, 16, 16, 1e-3, "batched")]
+
+
+@needs_interpreter
+@pytest.mark.parametrize(("L", "Dh", "window", "block_m", "block_n", "decay", "persistent"), KERNEL_CASES)
+def test_triton_kernel_matches_reference_in_the_interpreter(L: int, Dh: int, window: int, block_m: int, block_n: int,
+                                                            decay: float, persistent: str) -> None:
+    from optimized.kernels.omega import omega_triton
+
+    B, H = 2, 2
+    q = make_tensor((B, L, H, Dh), L).transpose(1, 2)  # (B, H, L, Dh) through strides, as the model passes it
+    _, k, gate, _ = _inputs(B, H, L, Dh, 0, L)
+    M, n = _persistent(persistent, B, H, Dh, L + 7)
+
+    def kernel(q: torch.Tensor, k: torch.Tensor, gate: torch.Tensor, M: torch.Tensor | None,
+               n: torch.Tensor | None) -> torch.Tensor:
+        return omega_triton(q, k, gate, window, decay, M, n, 1e-6, block_m=block_m, block_n=block_n)[0]
+
+    def reference(q: torch.Tensor, k: torch.Tensor, gate: torch.Tensor, M: torch.Tensor | None,
+                  n: torch.Tensor | None) -> torch.Tensor:
+        return ref.omega_memory(q, k, gate, window, decay, M_persistent=M, norm_persistent=n)
+
+    assert_equivalent(reference, kernel, (q, k, gate, M, n), dtype=torch.float32, grad=False)
+
+
+@needs_interpreter
+def test_triton_kernel_returns_the_denominator_and_reads_half_inputs_in_float32() -> None:
+    # float16 (the interpreter's bf16 tl.dot multiplies raw bits, so bf16 is checked on CUDA only)
+    from optimized.kernels.omega import omega_triton
+
+    q, k, gate, k_p = _inputs(1, 2, 70, 8, 3, 3)
+    M, n = ref.persistent_memory(k_p)
+    assert_equivalent(lambda q, k, g, M, n: ref.omega_memory(q, k, g, 50, 0.95, M_persistent=M, norm_persistent=n),
+                      lambda q, k, g, M, n: omega_triton(q, k, g, 50, 0.95, M, n, block_m=16, block_n=16)[0],
+                      (q, k, gate, M, n), dtype=torch.float16, grad=False)
+    _, den = omega_triton(q.float(), k.float(), gate.float(), 50, 0.95, M.float(), n.float(), 1e-6,
+                            block_m=32, block_n=16, return_den=True)
+    gamma = ref.omega_weights(gate, 50, 0.95)  # (1, 2, L, L)
+    expect = n[None, :, None] + (gamma * (k * k).sum(-1)[:, :, None, :]).sum(-1) + 1e-6
+    assert den is not None and torch.allclose(den.double(), expect, rtol=1e-5, atol=0)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("persistent", ["shared", "batched"])
+def test_triton_autograd_gradients_match_reference(persistent: str) -> None:
+    from optimized.kernels.omega import omega_triton_autograd
+
+    q, k, gate, _ = _inputs(2, 2, 45, 4, 0, 9)
+    M, n = _persistent(persistent, 2, 2, 4, 10)
+    assert_equivalent(lambda q, k, g, M, n: ref.omega_memory(q, k, g, 20, 0.9, M_persistent=M, norm_persistent=n),
+                      lambda q, k, g, M, n: omega_triton_autograd(q, k, g, 20, 0.9, M, n),
+                      (q, k, gate, M, n), dtype=torch.float32)
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+def test_triton_kernel_compiles_for_h100_without_a_gpu() -> None:
+    # the interpreter runs the kernel's Python, not Triton's compiler: compile it for sm_90 in a process without
+    # TRITON_INTERPRET, in the default GPU tiles, with and without the persistent term, bf16 and fp32
+    from triton.compiler import ASTSource
+
+    if "constexprs" not in inspect.signature(ASTSource).parameters:
+        pytest.skip("this Triton's ASTSource predates the `constexprs` argument compile_for_gpu uses")
+    script = ("from optimized.kernels.omega import compile_for_gpu\n"
+              "for dtype, persistent, bm, bn in (('bf16', True, 128, 64), ('fp32', False, 64, 32)):\n"
+              "    assert 'cubin' in compile_for_gpu(90, dtype, persistent=persistent, block_m=bm, block_n=bn).asm\n")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_optimized_matches_reference_on_cuda(dtype: torch.dtype) -> None:
@@ -193,3 +295,17 @@ def test_optimized_matches_reference_on_cuda(dtype: torch.dtype) -> None:
         return opt.omega_memory(q, k, gate, 100, 0.95, M_persistent=M, norm_persistent=n)
 
     assert_equivalent(reference, optimized, (q, k, gate, k_p), dtype=dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("persistent", ["none", "batched"])
+def test_cuda_kernel_matches_reference_with_interior_blocks(dtype: torch.dtype, persistent: str) -> None:
+    """The default GPU tiles (128 × 64 under bf16): a window of 300 gives interior, tail and diagonal blocks; L odd."""
+    q = make_tensor((2, 517, 2, 64), 3).transpose(1, 2)  # (B, H, L, Dh) through strides
+    _, k, gate, _ = _inputs(2, 2, 517, 64, 0, 4)
+    M, n = _persistent(persistent, 2, 2, 64, 5)
+    assert opt.omega_dispatch(q.to("cuda", dtype)) == "triton-fused"
+    assert_equivalent(lambda q, k, g, M, n: ref.omega_memory(q, k, g, 300, 0.97, M_persistent=M, norm_persistent=n),
+                      lambda q, k, g, M, n: opt.omega_memory(q, k, g, 300, 0.97, M_persistent=M, norm_persistent=n),
+                      (q, k, gate, M, n), dtype=dtype, device="cuda")
