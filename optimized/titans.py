@@ -11,14 +11,26 @@ Lα[i, m] = A_i / A_m, Lη[m, j] = E_m / E_j (every entry ≤ 1, formed as exp o
     S_C = E_C S₀ − λ (Σ_j u_j) M₀ − 2 Σ_j u_j k_j R_j,    u_j = (E_C / E_j) θ_j
     y = diag(A − λ W1) Q M₀ + diag(s) Q S₀ − 2 (W ⊙ Q Kᵀ) R.
 
-Everything that does not depend on the state is computed for all chunks at once; the chunk-to-chunk state
-passing (two small matmuls per chunk) is a loop over chunks, never over tokens; outputs are then formed for
-all chunks at once. A length that C does not divide ends with one shorter chunk.
+Everything that does not depend on the state is computed for all chunks at once (`chunk_coefficients`). The
+chunk-to-chunk state passing is sequential; `titans_dispatch` names the branch that runs it:
+
+- ``triton`` (CUDA tensors in float32/float16/bfloat16, Triton importable, d_k ≤ 256, C ≤ 128):
+  `optimized/kernels/titans.py`, one program per (batch·head, block of value columns) holding its columns of
+  M and S in registers over a loop over chunks, writing y as it goes; the state-independent part of
+  y = (diag(m) Q − 2 (W ⊙ QKᵀ) K) M₀ + diag(s) Q S₀ + 2 (W ⊙ QKᵀ) V is precomputed in batched matmuls.
+  Gradients recompute the torch form below and differentiate it.
+- ``torch-chunked`` (CPU, float64, anything else): `torch_chunked`, a Python loop over chunks (two small
+  matmuls each, never a loop over tokens); outputs are then formed for all chunks at once.
+
+A length that C does not divide ends with one shorter chunk (on the Triton branch, by the torch form from the
+kernel's final state).
 
 Tolerance against the float64 reference: float64 1e-10; float32 1e-5 relative on short sequences (model
-tolerances over long scans); bfloat16 inputs are computed in float32 (5e-2 at model level); under
-`torch.autocast` the matmuls follow autocast (bfloat16) while the state stays float32. The gates, including the
-normalised step θ = (1 − η) θ̂ / (C (2 + λ)) ([TITANS-2]), come from the shared `TitansMemory.forward`.
+tolerances over long scans), on both branches (the kernel's float32 dots are exact float32, no TF32);
+bfloat16 inputs: the torch form computes in float32, the kernel multiplies in bfloat16 with float32
+accumulation and a float32 state (5e-2 at model level); under `torch.autocast` the matmuls follow autocast
+(bfloat16) while the state stays float32. The gates, including the normalised step
+θ = (1 − η) θ̂ / (C (2 + λ)) ([TITANS-2]), come from the shared `TitansMemory.forward`.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from optimized.kernels import kernel_available
 from optimized.primitives import RMSNorm
 from reference import titans as ref
 from reference.titans import (
@@ -49,6 +62,7 @@ __all__ = [
     "memory_stats",
     "normalize_queries",
     "qk_projection",
+    "titans_dispatch",
     "titans_learning_rate",
     "titans_memory_chunked",
     "titans_memory_read",
@@ -56,6 +70,9 @@ __all__ = [
 ]
 
 LOG_FLOOR = -60.0  # log(1 − α) and log η are clamped here: gates of exactly 0 (η) or 1 (α) stay finite
+KERNEL_MAX_DK = 256  # the Triton kernel holds (d_k × BLOCK_V) states and (C × d_k) key tiles in registers
+KERNEL_MAX_CHUNK = 128
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -70,15 +87,13 @@ def _decay_matrix(cum: Tensor) -> Tensor:
     return torch.exp(diff.masked_fill(~mask, float("-inf")))
 
 
-def _chunks(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: Tensor, M: Tensor, S: Tensor,
-            C: int, lam: float) -> tuple[Tensor, Tensor, Tensor]:
-    """The parallel form over L = N·C positions (C divides L); returns y (B, H, L, d_v) and the final M, S."""
-    B, H, L, dk = k.shape
-    dv = v.shape[-1]
+def chunk_coefficients(alpha: Tensor, eta: Tensor, theta: Tensor, C: int,
+                       lam: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The state-independent coefficients of the parallel form over L = N·C positions (C divides L), gates
+    (B, H, L) -> W (B, H, N, C, C), the M₀ coefficient A − λ W1, s = Lα E, u = (E_C / E_j) θ_j (each
+    (B, H, N, C)) and E_C (B, H, N). Shared by the torch loop below and the Triton kernel."""
+    B, H, L = theta.shape
     N = L // C
-    Q = q.reshape(B, H, N, C, dk)
-    K = k.reshape(B, H, N, C, dk)
-    V = v.reshape(B, H, N, C, dv)
     th = theta.reshape(B, H, N, C)
     cum_a = torch.cumsum(torch.log1p(-alpha).clamp_min(LOG_FLOOR).reshape(B, H, N, C), dim=-1)  # log A_i
     cum_e = torch.cumsum(torch.log(eta).clamp_min(LOG_FLOOR).reshape(B, H, N, C), dim=-1)  # log E_i
@@ -89,21 +104,38 @@ def _chunks(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: 
     s = (L_a @ torch.exp(cum_e)[..., None])[..., 0]  # (B, H, N, C)
     m_coef = A - lam * W.sum(dim=-1)  # coefficient of M₀ in M_i
     u = L_e[..., -1, :] * th  # (B, H, N, C)
-    w_last = W[..., -1, :]
     e_last = torch.exp(cum_e[..., -1])  # (B, H, N)
+    return W, m_coef, s, u, e_last
+
+
+def _chunks(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: Tensor, M: Tensor, S: Tensor,
+            C: int, lam: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The parallel form over L = N·C positions (C divides L); returns y (B, H, L, d_v) and the final M, S."""
+    B, H, L, dk = k.shape
+    dv = v.shape[-1]
+    N = L // C
+    Q = q.reshape(B, H, N, C, dk)
+    K = k.reshape(B, H, N, C, dk)
+    V = v.reshape(B, H, N, C, dv)
+    W, m_coef, s, u, e_last = chunk_coefficients(alpha, eta, theta, C, lam)
+    w_last = W[..., -1, :]
     m_last, s_last, u_sum = m_coef[..., -1], s[..., -1], u.sum(dim=-1)
     starts_M: list[Tensor] = []
     starts_S: list[Tensor] = []
     residuals: list[Tensor] = []
-    for n in range(N):  # state passing: a loop over chunks, two matmuls each
+    # Per-chunk views by one `unbind` each: indexing [:, :, n] inside the loop would make autograd zero-fill a
+    # full-size gradient per chunk (N² work in backward); unbind's backward stacks once.
+    per_chunk = zip(K.unbind(2), V.unbind(2), w_last.unbind(2), u.unbind(2), m_last.unbind(2), s_last.unbind(2),
+                    e_last.unbind(2), u_sum.unbind(2), strict=True)
+    for K_n, V_n, w_n, u_n, m_n, s_n, e_n, us_n in per_chunk:  # state passing: a loop over chunks
         starts_M.append(M)
         starts_S.append(S)
-        R = K[:, :, n] @ M - V[:, :, n]  # (B, H, C, d_v)
+        R = K_n @ M - V_n  # (B, H, C, d_v)
         residuals.append(R)
-        weighted = torch.cat([w_last[:, :, n, :, None] * R, u[:, :, n, :, None] * R], dim=-1)  # (B, H, C, 2d_v)
-        update = K[:, :, n].transpose(-1, -2) @ weighted  # (B, H, d_k, 2d_v)
-        M_next = m_last[:, :, n, None, None] * M + s_last[:, :, n, None, None] * S - 2 * update[..., :dv]
-        S = e_last[:, :, n, None, None] * S - (lam * u_sum[:, :, n, None, None]) * M - 2 * update[..., dv:]
+        weighted = torch.cat([w_n[..., None] * R, u_n[..., None] * R], dim=-1)  # (B, H, C, 2d_v)
+        update = K_n.transpose(-1, -2) @ weighted  # (B, H, d_k, 2d_v)
+        M_next = m_n[..., None, None] * M + s_n[..., None, None] * S - 2 * update[..., :dv]
+        S = e_n[..., None, None] * S - (lam * us_n[..., None, None]) * M - 2 * update[..., dv:]
         M = M_next
     M0 = torch.stack(starts_M, dim=2)  # (B, H, N, d_k, d_v)
     S0 = torch.stack(starts_S, dim=2)
@@ -113,12 +145,20 @@ def _chunks(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: 
     return y.reshape(B, H, L, dv), M, S
 
 
-def titans_memory_chunked(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: Tensor, *,
-                          chunk_size: int, global_decay: float = 0.0,
-                          initial_state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """`reference.titans.titans_memory_chunked` in parallel chunk form (see the module docstring)."""
-    validate_memory_inputs(q, k, v, alpha, eta, theta, initial_state, global_decay, "titans_memory_chunked",
-                           chunk_size)
+def titans_dispatch(k: Tensor, *, chunk_size: int) -> str:
+    """The branch `titans_memory_chunked` takes for keys like `k` (B, H, L, d_k): "triton" (CUDA, Triton
+    importable, float32/float16/bfloat16, d_k ≤ KERNEL_MAX_DK, chunk ≤ KERNEL_MAX_CHUNK) or "torch-chunked"."""
+    if (kernel_available(k) and k.dtype in _KERNEL_DTYPES and k.shape[-1] <= KERNEL_MAX_DK
+            and chunk_size <= KERNEL_MAX_CHUNK):
+        return "triton"
+    return "torch-chunked"
+
+
+def torch_chunked(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: Tensor, *,
+                  chunk_size: int, global_decay: float = 0.0,
+                  initial_state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The torch method of `titans_memory_chunked` (inputs already validated); the Triton branch's backward
+    differentiates it."""
     out_dtype = v.dtype
     work = _compute_dtype(out_dtype)
     B, H, L, dk = k.shape
@@ -143,6 +183,22 @@ def titans_memory_chunked(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: T
         pieces.append(y)
     y = torch.cat(pieces, dim=2) if pieces else v.new_zeros(B, H, 0, dv, dtype=work)
     return y.to(out_dtype), M.to(out_dtype), S.to(out_dtype)
+
+
+def titans_memory_chunked(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: Tensor, *,
+                          chunk_size: int, global_decay: float = 0.0,
+                          initial_state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """`reference.titans.titans_memory_chunked` in parallel chunk form, dispatched by `titans_dispatch` (see the
+    module docstring)."""
+    validate_memory_inputs(q, k, v, alpha, eta, theta, initial_state, global_decay, "titans_memory_chunked",
+                           chunk_size)
+    if titans_dispatch(k, chunk_size=chunk_size) == "triton":
+        from optimized.kernels.titans import titans_memory_triton_autograd
+
+        return titans_memory_triton_autograd(q, k, v, alpha, eta, theta, chunk_size=chunk_size,
+                                             global_decay=global_decay, initial_state=initial_state)
+    return torch_chunked(q, k, v, alpha, eta, theta, chunk_size=chunk_size, global_decay=global_decay,
+                         initial_state=initial_state)
 
 
 def titans_memory_recurrent(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: Tensor, *,

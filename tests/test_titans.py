@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from optimized import titans as opt
+from optimized.kernels import triton_available, triton_interpreting
 from reference import titans as ref
 from reference.validation import MemarchError, ShapeError
 from tests.causality import assert_causal
@@ -213,6 +220,114 @@ def test_cuda_chunked_memory_matches_float64_reference(dtype: torch.dtype) -> No
     inputs = memory_inputs(0, 2, 2, 40, 16, 16)
     assert_equivalent(chunked(ref, 8, 0.01), chunked(opt, 8, 0.01), inputs, dtype=dtype, model=True,
                       device="cuda")
+
+
+# ---------------------------------------------------------------------------------------------- Triton kernel
+
+needs_interpreter = pytest.mark.skipif(not (triton_available() and triton_interpreting()),
+                                       reason="Triton kernel test on CPU needs triton and TRITON_INTERPRET=1 "
+                                              "(tox sets it)")
+
+
+def kernel_fn(C: int, lam: float, *, with_state: bool = True, autograd: bool = False):  # type: ignore[no-untyped-def]
+    """The Triton entry (forward only, or the autograd wrapper) with `chunked`'s argument list."""
+    from optimized.kernels.titans import titans_memory_triton, titans_memory_triton_autograd
+
+    entry = titans_memory_triton_autograd if autograd else titans_memory_triton
+
+    def fn(q, k, v, a, e, th, M0, S0):  # type: ignore[no-untyped-def]
+        return entry(q, k, v, a, e, th, chunk_size=C, global_decay=lam,
+                     initial_state=(M0, S0) if with_state else None)
+    return fn
+
+
+def reference_fn(C: int, lam: float, *, with_state: bool = True):  # type: ignore[no-untyped-def]
+    def fn(q, k, v, a, e, th, M0, S0):  # type: ignore[no-untyped-def]
+        return ref.titans_memory_chunked(q, k, v, a, e, th, chunk_size=C, global_decay=lam,
+                                         initial_state=(M0, S0) if with_state else None)
+    return fn
+
+
+def test_titans_dispatch_on_cpu_is_the_torch_chunked_form() -> None:
+    assert opt.titans_dispatch(torch.zeros(1, 1, 4, 4), chunk_size=4) == "torch-chunked"
+
+
+# (L, C, d_k, d_v, λ, initial state): C | L; a last shorter chunk; C not a power of two and d_v not a multiple of
+# the value block; L < C (one short chunk, no kernel part); C = 1 (the per-token recurrence)
+KERNEL_CASES = [(32, 8, 16, 16, 0.0, True), (27, 8, 16, 32, 0.25, True), (20, 5, 32, 20, 0.1, False),
+                (3, 8, 16, 16, 0.0, True), (12, 1, 8, 8, 0.1, True), (40, 16, 32, 32, 0.01, True)]
+
+
+@needs_interpreter
+@pytest.mark.parametrize(("L", "C", "dk", "dv", "lam", "with_state"), KERNEL_CASES)
+def test_triton_kernel_matches_reference_in_the_interpreter(L: int, C: int, dk: int, dv: int, lam: float,
+                                                            with_state: bool) -> None:
+    inputs = memory_inputs(L + C, 1, 2, L, dk, dv)
+    assert_equivalent(reference_fn(C, lam, with_state=with_state), kernel_fn(C, lam, with_state=with_state),
+                      inputs, dtype=torch.float32, grad=False)
+
+
+@needs_interpreter
+def test_triton_kernel_takes_half_inputs_with_float32_state() -> None:
+    # float16, not bfloat16: the interpreter's tl.dot on bfloat16 operands is wrong (Triton 3.9: |error| ~ 1e10 on a
+    # 16 × 16 product that is right on float16 and on the same operands upcast), so bfloat16 is checked on the GPU
+    inputs = memory_inputs(3, 1, 2, 24, 16, 16)
+    assert_equivalent(reference_fn(8, 0.1), kernel_fn(8, 0.1), inputs, dtype=torch.float16, model=True, grad=False)
+
+
+@needs_interpreter
+@pytest.mark.parametrize(("L", "with_state"), [(20, True), (16, False)])
+def test_triton_autograd_wrapper_gradients_match_reference(L: int, with_state: bool) -> None:
+    inputs = memory_inputs(7, 1, 2, L, 16, 16)
+    assert_equivalent(reference_fn(8, 0.25, with_state=with_state),
+                      kernel_fn(8, 0.25, with_state=with_state, autograd=True), inputs, dtype=torch.float32,
+                      model=True)
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+def test_triton_kernel_compiles_for_h100_without_a_gpu() -> None:
+    # the interpreter runs the kernel's Python, not Triton's compiler: compile it for sm_90 here, in a process
+    # without TRITON_INTERPRET (which changes how Triton builds kernels), at the benchmark's sizes and a small one
+    from triton.compiler import ASTSource
+
+    if "constexprs" not in inspect.signature(ASTSource).parameters:
+        pytest.skip("this Triton's ASTSource predates the `constexprs` argument compile_for_gpu uses")
+    script = ("from optimized.kernels.titans import compile_for_gpu\n"
+              "for dtype, chunk, d_k in (('bf16', 64, 128), ('fp32', 4, 16)):\n"
+              "    assert 'cubin' in compile_for_gpu(90, dtype, chunk=chunk, d_k=d_k).asm\n")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("L", "C", "dk", "dv", "with_state"), [(256, 64, 128, 128, True), (200, 64, 64, 96, False),
+                                                                (45, 16, 32, 32, True)])
+def test_cuda_triton_kernel_matches_float64_reference(dtype: torch.dtype, L: int, C: int, dk: int, dv: int,
+                                                      with_state: bool) -> None:
+    inputs = memory_inputs(1, 2, 2, L, dk, dv)
+    assert opt.titans_dispatch(inputs[1].to("cuda", dtype), chunk_size=C) == "triton"
+
+    def opt_fn(q, k, v, a, e, th, M0, S0):  # type: ignore[no-untyped-def]
+        return opt.titans_memory_chunked(q, k, v, a, e, th, chunk_size=C, global_decay=0.01,
+                                         initial_state=(M0, S0) if with_state else None)
+
+    assert_equivalent(reference_fn(C, 0.01, with_state=with_state), opt_fn, inputs, dtype=dtype, model=True,
+                      device="cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_triton_kernel_under_autocast_keeps_a_float32_state() -> None:
+    inputs = memory_inputs(2, 2, 2, 130, 64, 64)
+
+    def under_autocast(*args: torch.Tensor):  # type: ignore[no-untyped-def]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return chunked(opt, 32, 0.01)(*args)
+
+    assert_equivalent(chunked(ref, 32, 0.01), under_autocast, inputs, dtype=torch.float32, device="cuda",
+                      tol=tolerance(torch.bfloat16, model=True))
 
 
 # ---------------------------------------------------------------------------------------------- stability ([TITANS-2])

@@ -1,6 +1,8 @@
 """`scripts/bench.py --op titans`: the Titans momentum memory (forward, forward + backward).
 
-Rows: our literal per-token recurrence (reference), our parallel chunk form (optimized), and public peers when
+Rows: our literal per-token recurrence (reference), our parallel chunk form (optimized, dispatched by
+`optimized.titans.titans_dispatch`: the Triton state-passing kernel on CUDA; beside it, on CUDA, the torch form
+with its loop over chunks), and public peers when
 importable: flash-linear-attention's `chunk_momentum_delta_rule` (Titans' linear memory with momentum) and
 `chunk_gated_delta_rule` (the same without momentum), titans-pytorch's `NeuralMemory` (includes its own
 projections). GPU sizes: B=4, H=8, d_k=d_v=128, L ∈ {2048, 8192}, chunk 64, bf16; CPU sizes are small.
@@ -135,9 +137,22 @@ def bench_titans(args: BenchArgs) -> list[BenchRow]:
             run = _fwd_bwd(ours, inputs) if grad else ours
             with torch.set_grad_enabled(grad):
                 ms = _timed(run, args)
+            dispatch = opt.titans_dispatch(inputs[1], chunk_size=C)
             rows.append(BenchRow(op="titans", impl="optimized", params=f"{params} {mode}", ms=ms,
-                                 dispatch="torch-chunked", throughput=f"{tokens / ms / 1e3:.3f} Mtok/s",
-                                 floor_fraction=(floor_ms * (3 if grad else 1)) / ms if cuda else None))
+                                 dispatch=dispatch, throughput=f"{tokens / ms / 1e3:.3f} Mtok/s",
+                                 floor_fraction=(floor_ms * (3 if grad else 1)) / ms if cuda else None,
+                                 note="backward: torch recompute" if grad and dispatch == "triton" else ""))
+            if dispatch != "torch-chunked":  # the torch form on the same device, for comparison
+                def torch_form(inputs: list[torch.Tensor] = inputs) -> Any:
+                    return opt.torch_chunked(*inputs, chunk_size=C)
+
+                torch_run = _fwd_bwd(torch_form, inputs) if grad else torch_form
+                with torch.set_grad_enabled(grad):
+                    torch_ms = _timed(torch_run, args)
+                rows.append(BenchRow(op="titans", impl="optimized (torch form)", params=f"{params} {mode}",
+                                     ms=torch_ms, dispatch="torch-chunked",
+                                     throughput=f"{tokens / torch_ms / 1e3:.3f} Mtok/s",
+                                     note=f"{dispatch} is {torch_ms / ms:.1f}x faster"))
             if L in ref_lengths and not grad:
                 def literal(inputs: list[torch.Tensor] = inputs) -> Any:
                     return ref.titans_memory_recurrent(*inputs)
