@@ -273,6 +273,79 @@ def test_triton_kernel_matches_reference_in_the_interpreter(b_layout: str, c_lay
     assert_equivalent(_as_fn(ref, case), kernel, _inputs(case), dtype=torch.float32, model=True, grad=False)
 
 
+@dataclass(frozen=True)
+class KernelCase:
+    dim: int
+    n_state: int
+    length: int
+    layout: str
+    groups: int
+    block_d: int | None
+    block_l: int | None
+    has_D: bool
+    has_z: bool
+    has_bias: bool
+    has_h0: bool
+
+
+KERNEL_CASES = [
+    # L = 1; L shorter than one tile; L not a multiple of BLOCK_L nor of the two tiles an iteration scans
+    KernelCase(8, 16, 1, "per_step", 1, None, None, True, True, True, True),
+    KernelCase(8, 16, 3, "shared", 1, None, None, False, True, False, True),
+    KernelCase(8, 16, 11, "grouped", 1, None, None, True, False, True, False),
+    KernelCase(16, 16, 21, "per_step", 1, None, None, False, False, False, False),
+    # N not a power of two (5 -> 8, 13 -> 16, 1 -> 2); several programs along D, the last part-masked
+    KernelCase(12, 5, 9, "per_step", 1, 8, 2, True, False, False, True),
+    KernelCase(10, 13, 7, "shared", 1, 8, 4, False, True, True, False),
+    KernelCase(8, 1, 6, "grouped", 2, 4, 1, True, True, False, True),
+    # grouped: groups of 4 channels with BLOCK_D = 4 (one group per program) and with BLOCK_D = 8 (per channel)
+    KernelCase(8, 3, 10, "grouped", 2, 4, 4, True, True, True, True),
+    KernelCase(8, 3, 10, "grouped", 2, 8, 4, True, True, True, True),
+    KernelCase(12, 4, 13, "grouped", 4, 8, 2, False, True, False, True),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("kc", KERNEL_CASES, ids=lambda kc: f"D{kc.dim}-N{kc.n_state}-L{kc.length}-{kc.layout}"
+                         f"{kc.groups}-bd{kc.block_d}-bl{kc.block_l}")
+def test_triton_kernel_covers_lengths_states_layouts_and_options(kc: KernelCase) -> None:
+    # the tiled kernel: L = 1, L not a multiple of the tile nor of the two tiles an iteration scans, N padded, all
+    # three B/C layouts (grouped read both as one group per program and gathered per channel), D, z, delta_bias,
+    # softplus and h0 each on and off in some case; the default blocks where block_d/block_l are None
+    from optimized.kernels.selective_scan import selective_scan_triton
+
+    case = Case(batch=2, dim=kc.dim, n_state=kc.n_state, length=kc.length, b_layout=kc.layout, c_layout=kc.layout,
+                groups=kc.groups, has_D=kc.has_D, has_z=kc.has_z, has_bias=kc.has_bias, softplus=kc.has_bias,
+                last_state=True, has_h0=kc.has_h0, seed=kc.length + kc.dim)
+
+    def kernel(*args: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        u, delta, A, B, C, D, z, bias, h0 = args
+        assert u is not None and delta is not None and A is not None and B is not None and C is not None
+        return selective_scan_triton(u, delta, A, B, C, D, z, bias, case.softplus, h0, block_d=kc.block_d,
+                                     block_l=kc.block_l)
+
+    assert_equivalent(_as_fn(ref, case), kernel, _inputs(case), dtype=torch.float32, model=True, grad=False)
+
+
+@needs_interpreter
+def test_triton_kernel_carries_the_state_across_many_tiles() -> None:
+    # Δ A ≈ −1e-3 over 203 steps (51 tiles of 4, 26 loop iterations): a dropped or doubled carry between tiles, or
+    # a tile scanned from zero, changes out far beyond the tolerance
+    from optimized.kernels.selective_scan import selective_scan_triton
+
+    L = 203
+    u = torch.zeros(1, 8, L)
+    u[:, :, 0] = 1.0
+    delta = torch.full((1, 8, L), 1e-2)
+    A = torch.full((8, 16), -0.1)
+    B = C = torch.ones(1, 16, L)
+    out, last = selective_scan_triton(u, delta, A, B, C)
+    expected = 16 * 1e-2 * torch.exp(-1e-3 * torch.arange(L, dtype=torch.float64))
+    torch.testing.assert_close(out[0].double(), expected.expand(8, L), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(last.double(), torch.full((1, 8, 16), 1e-2 * math.exp(-1e-3 * (L - 1)),
+                                                         dtype=torch.float64), rtol=1e-5, atol=1e-8)
+
+
 @needs_interpreter
 def test_triton_kernel_accumulates_half_inputs_in_float32() -> None:
     from optimized.kernels.selective_scan import selective_scan_triton
@@ -290,16 +363,17 @@ def test_triton_kernel_accumulates_half_inputs_in_float32() -> None:
 
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
 def test_triton_kernel_compiles_for_h100_without_a_gpu() -> None:
-    # the interpreter runs the kernel's Python, not Triton's compiler, so a kernel that fails to compile (as one
-    # built on tl.associative_scan did, on Triton 3.6) passes every interpreter test: compile it for sm_90 here, in a
-    # process without TRITON_INTERPRET (which changes how Triton builds kernels), with every option on and off
+    # the interpreter runs the kernel's Python, not Triton's compiler, so a kernel that fails to compile (as an
+    # earlier one did on Triton 3.6: its scan's combine function carried `Any` annotations) passes every interpreter
+    # test: compile it for sm_90 here, in a process without TRITON_INTERPRET (which changes how Triton builds
+    # kernels), with every option on and off and each way of reading B and C
     from triton.compiler import ASTSource
 
     if "constexprs" not in inspect.signature(ASTSource).parameters:
         pytest.skip("this Triton's ASTSource predates the `constexprs` argument compile_for_gpu uses")
     script = ("from optimized.kernels.selective_scan import compile_for_gpu\n"
-              "for dtype, options in (('bf16', True), ('fp32', False)):\n"
-              "    assert 'cubin' in compile_for_gpu(90, dtype, options=options).asm\n")
+              "for dtype, options, mode in (('bf16', True, 1), ('fp32', False, 0), ('fp16', True, 2)):\n"
+              "    assert 'cubin' in compile_for_gpu(90, dtype, options=options, matrix_mode=mode).asm\n")
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], env=env,
                           capture_output=True, text=True, timeout=600, check=False)
@@ -338,6 +412,26 @@ def test_cuda_scan_matches_reference(dtype: torch.dtype, force_triton: bool) -> 
     fn = triton_fn if force_triton else _as_fn(opt, case)
     print(f"dispatch: {'triton (forced)' if force_triton else opt.scan_dispatch(torch.zeros(1, device='cuda'))}")
     assert_equivalent(_as_fn(ref, case), fn, _inputs(case), dtype=dtype, model=True, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("layout", "groups"), [("shared", 1), ("per_step", 1), ("grouped", 4), ("grouped", 6)])
+def test_cuda_triton_kernel_matches_reference_for_every_layout(dtype: torch.dtype, layout: str, groups: int) -> None:
+    # the compiled kernel (not the interpreter): several programs, L = 1001 not a multiple of the tile, N = 16;
+    # grouped with D/G = 12 channels (not a multiple of BLOCK_D = 8: gathered per channel) and D/G = 8 (one group
+    # per program)
+    from optimized.kernels.selective_scan import selective_scan_triton
+
+    case = Case(batch=2, dim=48, n_state=16, length=1001, b_layout=layout, c_layout=layout, groups=groups,
+                has_D=True, has_z=True, has_bias=True, softplus=True, last_state=True, has_h0=True, seed=1)
+
+    def kernel(*args: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        u, delta, A, B, C, D, z, bias, h0 = args
+        assert u is not None and delta is not None and A is not None and B is not None and C is not None
+        return selective_scan_triton(u, delta, A, B, C, D, z, bias, True, h0)
+
+    assert_equivalent(_as_fn(ref, case), kernel, _inputs(case), dtype=dtype, model=True, grad=False, device="cuda")
 
 
 def _mamba_selective_scan_ref() -> Callable[..., Any]:

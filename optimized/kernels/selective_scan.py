@@ -1,21 +1,37 @@
 """Triton kernel for the selective scan (`optimized.ssm` dispatches here on CUDA when mamba-ssm is absent).
 
-One program per (batch b, block of BLOCK_D channels); it walks time sequentially, as mamba-ssm's CUDA kernel
-does, holding the state h as a (BLOCK_D, BLOCK_N) float32 register tile, parallel over channels and states:
+Implements the forward of `reference.ssm.selective_scan` ([SSM-1]–[SSM-6]):
 
     Ā_t = exp(Δ_t A),   h_t = Ā_t ⊙ h_{t−1} + Δ_t u_t B_t,   y_t = Σ_n C_t h_t + D u_t,   out_t = y_t silu(z_t).
 
-Time advances in blocks of BLOCK_L steps unrolled with `tl.static_range`, so the loads of a block (which do not
-depend on h) can be issued ahead of the arithmetic. N is padded to the power of two BLOCK_N with masks. B and C
-are read through (channels per group, batch, group, state, time) strides, which covers mamba-ssm's three layouts
-((D, N), (B, N, L), (B, G, N, L)) with one 2-D load. Only plain constructs: scalar-indexed loads and stores, a
-runtime `range` loop, `tl.static_range`, `tl.exp`, `tl.sum(axis=1)`, `tl.where` (no `tl.associative_scan`,
-no reshapes), so it compiles on every Triton 3.x.
+Method. One single-warp program per (batch b, block of BLOCK_D = 8 channels), so the grid (B, D/8) has thousands
+of programs (2048 for B = 8, D = 2048) that all fit on the GPU at once. A program walks time in tiles of BLOCK_L
+steps. Each tile is one bulk load per tensor: u, Δ, z as (BLOCK_L, BLOCK_D) (contiguous along L), B and C as
+(BLOCK_L, BLOCK_N) when one group covers the block (the (B, N, L) layout, and (B, G, N, L) when D/G is a multiple
+of BLOCK_D), else gathered per channel as (BLOCK_L, BLOCK_N, BLOCK_D); the (D, N) layout is loaded once. The
+tile's decays Ā and inputs Δ u B are formed as (BLOCK_L, BLOCK_N, BLOCK_D) register tensors, the state carried
+from the previous tile is folded into the first step (x_0 ← Ā_0 h + x_0), and `tl.associative_scan` along time
+with (a₁, x₁)∘(a₂, x₂) = (a₁a₂, a₂x₁ + x₂) gives every h_t of the tile; y is the sum over N of C ⊙ h, and the
+last row is the state carried on. Two tile slots alternate: a slot is reloaded with the tile two ahead as
+soon as it has been scanned, so each program has its next tile's loads in flight while it computes (register
+double buffering; a third slot spills).
+
+Why this is bandwidth-bound rather than latency-bound: no load depends on the state, so the only serial chain
+is the in-register recurrence (one fused multiply-add per step and state); time is the first (slowest) axis of
+the tile, so Triton's default layout (lanes along D, then N) keeps a thread's time steps in its own registers,
+the scan is a plain in-thread loop, and N is spread over only 4 lanes (the readout needs 2 shuffle levels). Per
+(t, d, n) the work is one exp2 and ~4 multiply-adds: about 15 SASS instructions in float32 and 18 in bfloat16
+with the tile's overheads (layout shuffles, addresses; sm_90, Triton 3.6), against a memory floor of 16 bytes
+per (t, d) (u, Δ, z, out); registers are capped at 128 (`MAX_REGISTERS`) so that all 16 programs an SM needs
+are resident at once. The kernel is then bound by instruction issue and memory parallelism near the floor, not
+by a memory latency per step (the sequential kernel it replaces paid ~1 µs per step). N is padded to the power
+of two BLOCK_N with masks; past the end of the sequence Δ = 0, so Ā = 1 and the state is kept.
 
 Tolerances against the float64 reference: the long-scan (MODEL) tolerances, float32 1e-4, bfloat16 5e-2; the
-math runs in float32 whatever the input dtype. Gradients (`selective_scan_triton_autograd`) recompute the
-forward with the torch two-level scan (`optimized.ssm.chunked_scan`) and differentiate that: correct, not fast.
-Under `TRITON_INTERPRET=1` the kernel runs on CPU tensors (tests call `selective_scan_triton` directly).
+math runs in float32 whatever the input dtype (exp2 of Δ·A·log2 e: on the GPU one ex2.approx, relative error
+~2⁻²²). Gradients (`selective_scan_triton_autograd`) recompute the forward with the torch two-level scan
+(`optimized.ssm.chunked_scan`) and differentiate that: correct, not fast. Under `TRITON_INTERPRET=1` the kernel
+runs on CPU tensors (tests call `selective_scan_triton` directly); `compile_for_gpu` checks that it compiles.
 """
 
 from __future__ import annotations
@@ -32,58 +48,157 @@ __all__ = ["compile_for_gpu", "selective_scan_triton", "selective_scan_triton_au
 
 _jit: Callable[[Callable[..., Any]], Any] = triton.jit  # typed alias: Triton's decorator carries no annotations
 
+# How a program reads B or C (MATRIX_* constexpr): the (D, N) layout once; one group for the whole block of
+# channels ((B, N, L), or (B, G, N, L) with D/G a multiple of BLOCK_D) as a (BLOCK_L, BLOCK_N) tile per step
+# block; any other grouping gathered per channel as (BLOCK_L, BLOCK_N, BLOCK_D).
+SHARED, ONE_GROUP, PER_CHANNEL = 0, 1, 2
+# Registers per thread: at most 128 lets 16 single-warp programs share an SM (65536 registers), so the B·D/8 = 2048
+# programs of B = 8, D = 2048 all run at once on 132 SMs (the default tile needs ~148 uncapped; capped, no spills).
+MAX_REGISTERS = 128
+# Registers per thread: 128 lets 16 single-warp programs share an SM (65536 registers), so B·D/8 = 2048
+# programs (B = 8, D = 2048) all run at once on 132 SMs.
+MAX_REGISTERS = 128
+
+
+@_jit
+def _combine(a_left, x_left, a_right, x_right):  # type: ignore[no-untyped-def]  # (no annotations: Triton 3.6 rejects `Any`)
+    # step (a_left, x_left) then (a_right, x_right): h -> a_right (a_left h + x_left) + x_right
+    return a_left * a_right, a_right * x_left + x_right
+
+
+@_jit
+def _load_matrix(ptr, base, offs_d, offs_n, t, mask_d, mask_n, mask_l, group, s_g, s_n, s_l,  # type: ignore[no-untyped-def]
+                 MODE: tl.constexpr):
+    """B or C at steps t as float32, broadcastable to (BLOCK_L, BLOCK_N, BLOCK_D) (MODE ONE_GROUP or PER_CHANNEL)."""
+    if MODE == 1:  # ONE_GROUP: `base` points at the block's group
+        m = mask_l[:, None] & mask_n[None, :]
+        x = tl.load(ptr + base + offs_n[None, :] * s_n + t[:, None] * s_l, mask=m, other=0.0)
+        return x.to(tl.float32)[:, :, None]
+    else:
+        m = mask_l[:, None, None] & mask_n[None, :, None] & mask_d[None, None, :]
+        offs = (base + ((offs_d // group) * s_g)[None, None, :] + (offs_n * s_n)[None, :, None]
+                + t[:, None, None] * s_l)
+        return tl.load(ptr + offs, mask=m, other=0.0).to(tl.float32)
+
+
+@_jit
+def _load_tile(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, rows, base_B, base_C, offs_d, offs_n, t, mask_d,  # type: ignore[no-untyped-def]
+               mask_n, length, group_B, group_C, sB_g, sB_n, sB_l, sC_g, sC_n, sC_l, HAS_Z: tl.constexpr,
+               B_MODE: tl.constexpr, C_MODE: tl.constexpr):
+    """u, Δ, z (BLOCK_L, BLOCK_D) and B, C at steps t, float32, zero past the end (stand-ins for absent ones)."""
+    mask_l = t < length
+    mask_ld = mask_l[:, None] & mask_d[None, :]
+    io = rows[None, :] + t[:, None]  # u, delta, z are contiguous (B, D, L)
+    u = tl.load(u_ptr + io, mask=mask_ld, other=0.0).to(tl.float32)
+    dt = tl.load(delta_ptr + io, mask=mask_ld, other=0.0).to(tl.float32)
+    z = u
+    if HAS_Z:
+        z = tl.load(z_ptr + io, mask=mask_ld, other=0.0).to(tl.float32)
+    Bm = u
+    if B_MODE != 0:
+        Bm = _load_matrix(B_ptr, base_B, offs_d, offs_n, t, mask_d, mask_n, mask_l, group_B, sB_g, sB_n, sB_l, B_MODE)
+    Cm = u
+    if C_MODE != 0:
+        Cm = _load_matrix(C_ptr, base_C, offs_d, offs_n, t, mask_d, mask_n, mask_l, group_C, sC_g, sC_n, sC_l, C_MODE)
+    return u, dt, z, Bm, Cm
+
+
+@_jit
+def _scan_tile(h, u, dt, z, B_tile, C_tile, B_fixed, C_fixed, A, D, bias, out_ptr, rows, t, offs_l, mask_d,  # type: ignore[no-untyped-def]
+               length, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+               B_MODE: tl.constexpr, C_MODE: tl.constexpr, BLOCK_L: tl.constexpr):
+    """[SSM-1]–[SSM-5] for the steps t of one tile from the state h (BLOCK_N, BLOCK_D); stores out, returns h."""
+    if B_MODE == 0:
+        Bm = B_fixed
+    else:
+        Bm = B_tile
+    if C_MODE == 0:
+        Cm = C_fixed
+    else:
+        Cm = C_tile
+    mask_ld = (t < length)[:, None] & mask_d[None, :]
+    if HAS_BIAS:
+        dt = dt + bias[None, :]
+    if SOFTPLUS:
+        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+    dt = tl.where(mask_ld, dt, 0.0)  # past the end: Ā = 1 and no input, so h is kept
+    a = tl.exp2(dt[:, None, :] * A[None, :, :])  # Ā (BLOCK_L, BLOCK_N, BLOCK_D); A is scaled by log2 e
+    x = (dt * u)[:, None, :] * Bm
+    x = tl.where(offs_l[:, None, None] == 0, a * h[None, :, :] + x, x)  # seed the tile with the carried state
+    a, hs = tl.associative_scan((a, x), 0, _combine)  # hs: h_t at every step of the tile
+    y = tl.sum(Cm * hs, axis=1)  # (BLOCK_L, BLOCK_D)
+    if HAS_D:
+        y = y + D[None, :] * u
+    if HAS_Z:
+        y = y * z * tl.sigmoid(z)
+    tl.store(out_ptr + rows[None, :] + t[:, None], y.to(out_ptr.dtype.element_ty), mask=mask_ld)
+    return tl.sum(tl.where(offs_l[:, None, None] == BLOCK_L - 1, hs, 0.0), axis=0)  # the tile's last state
+
 
 @_jit
 def _selective_scan_fwd(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, out_ptr,  # type: ignore[no-untyped-def]
                         last_ptr, dim, length, n_state, group_B, group_C,
                         sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
                         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-                        SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_L: tl.constexpr):
+                        SOFTPLUS: tl.constexpr, B_MODE: tl.constexpr, C_MODE: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,) channels
+    d0 = tl.program_id(1) * BLOCK_D
+    offs_d = d0 + tl.arange(0, BLOCK_D)  # (BLOCK_D,) channels
     offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,) states
+    offs_l = tl.arange(0, BLOCK_L)  # (BLOCK_L,) steps of a tile
     mask_d = offs_d < dim
     mask_n = offs_n < n_state
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    zero_d = tl.zeros([BLOCK_D], dtype=tl.int32)
-    state_offs = (b * dim + offs_d)[:, None] * n_state + offs_n[None, :]  # into (B, D, N) h0 and last
-    A = tl.load(A_ptr + offs_d[:, None] * n_state + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    state_offs = (b * dim + offs_d)[None, :] * n_state + offs_n[:, None]  # (BLOCK_N, BLOCK_D) into (B, D, N)
+    A = tl.load(A_ptr + offs_d[None, :] * n_state + offs_n[:, None], mask=mask_nd, other=0.0).to(tl.float32)
+    A = A * 1.4426950408889634  # exp(Δ A) = exp2(Δ A log2 e); padded states: A = 0, Ā = 1, no input
     if HAS_H0:
-        h = tl.load(h0_ptr + state_offs, mask=mask_dn, other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_N)
+        h = tl.load(h0_ptr + state_offs, mask=mask_nd, other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_D)
     else:
-        h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+        h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    D = A  # stand-ins for absent options
+    bias = A
     if HAS_D:
         D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    rows = (b * dim + offs_d) * length  # u, delta, z, out are contiguous (B, D, L)
-    # B, C: row d reads group d // group_*; the shared (D, N) layout has group size 1 and no batch or time stride
-    B_offs = b * sB_b + (offs_d // group_B)[:, None] * sB_g + offs_n[None, :] * sB_n  # (BLOCK_D, BLOCK_N)
-    C_offs = b * sC_b + (offs_d // group_C)[:, None] * sC_g + offs_n[None, :] * sC_n
-    for start in range(0, length, BLOCK_L):
-        for i in tl.static_range(BLOCK_L):
-            t = start + i
-            mask_t = mask_d & (zero_d + t < length)  # a (BLOCK_D,) compare: the interpreter rejects scalar masks
-            u = tl.load(u_ptr + rows + t, mask=mask_t, other=0.0).to(tl.float32)  # (BLOCK_D,)
-            dt = tl.load(delta_ptr + rows + t, mask=mask_t, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                dt = dt + bias
-            if SOFTPLUS:
-                dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
-            dt = tl.where(mask_t, dt, 0.0)  # past the end: Ā = 1 and no input, so h is kept
-            mask_tn = mask_t[:, None] & mask_n[None, :]
-            B_t = tl.load(B_ptr + B_offs + t * sB_l, mask=mask_tn, other=0.0).to(tl.float32)
-            C_t = tl.load(C_ptr + C_offs + t * sC_l, mask=mask_tn, other=0.0).to(tl.float32)
-            h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * B_t
-            y = tl.sum(C_t * h, axis=1)  # (BLOCK_D,)
-            if HAS_D:
-                y = y + D * u
-            if HAS_Z:
-                z = tl.load(z_ptr + rows + t, mask=mask_t, other=0.0).to(tl.float32)
-                y = y * z * tl.sigmoid(z)
-            tl.store(out_ptr + rows + t, y.to(out_ptr.dtype.element_ty), mask=mask_t)
-    tl.store(last_ptr + state_offs, h, mask=mask_dn)
+    B_fixed = A
+    if B_MODE == 0:  # SHARED (D, N): the same at every step
+        B_fixed = tl.load(B_ptr + (offs_d * sB_g)[None, :] + (offs_n * sB_n)[:, None], mask=mask_nd, other=0.0)
+        B_fixed = B_fixed.to(tl.float32)[None, :, :]
+    C_fixed = A
+    if C_MODE == 0:
+        C_fixed = tl.load(C_ptr + (offs_d * sC_g)[None, :] + (offs_n * sC_n)[:, None], mask=mask_nd, other=0.0)
+        C_fixed = C_fixed.to(tl.float32)[None, :, :]
+    rows = (b * dim + offs_d) * length
+    base_B = b * sB_b
+    if B_MODE == 1:
+        base_B += (d0 // group_B) * sB_g
+    base_C = b * sC_b
+    if C_MODE == 1:
+        base_C += (d0 // group_C) * sC_g
+    # two tile slots, each reloaded (two tiles ahead) as soon as it is scanned, so a tile's loads are in flight
+    # while the previous one is computed; the slots alternate, so no register copies (a third slot spills)
+    u1, dt1, z1, B1, C1 = _load_tile(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, rows, base_B, base_C, offs_d, offs_n,
+                                     offs_l, mask_d, mask_n, length, group_B, group_C, sB_g, sB_n, sB_l, sC_g,
+                                     sC_n, sC_l, HAS_Z, B_MODE, C_MODE)
+    u2, dt2, z2, B2, C2 = _load_tile(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, rows, base_B, base_C, offs_d, offs_n,
+                                     BLOCK_L + offs_l, mask_d, mask_n, length, group_B, group_C, sB_g, sB_n, sB_l,
+                                     sC_g, sC_n, sC_l, HAS_Z, B_MODE, C_MODE)
+    for start in range(0, length, 2 * BLOCK_L):
+        h = _scan_tile(h, u1, dt1, z1, B1, C1, B_fixed, C_fixed, A, D, bias, out_ptr, rows, start + offs_l, offs_l,
+                       mask_d, length, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, B_MODE, C_MODE, BLOCK_L)
+        u1, dt1, z1, B1, C1 = _load_tile(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, rows, base_B, base_C, offs_d,
+                                         offs_n, start + 2 * BLOCK_L + offs_l, mask_d, mask_n, length, group_B,
+                                         group_C, sB_g, sB_n, sB_l, sC_g, sC_n, sC_l, HAS_Z, B_MODE, C_MODE)
+        h = _scan_tile(h, u2, dt2, z2, B2, C2, B_fixed, C_fixed, A, D, bias, out_ptr, rows,
+                       start + BLOCK_L + offs_l, offs_l, mask_d, length, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, B_MODE,
+                       C_MODE, BLOCK_L)
+        u2, dt2, z2, B2, C2 = _load_tile(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, rows, base_B, base_C, offs_d,
+                                         offs_n, start + 3 * BLOCK_L + offs_l, mask_d, mask_n, length, group_B,
+                                         group_C, sB_g, sB_n, sB_l, sC_g, sC_n, sC_l, HAS_Z, B_MODE, C_MODE)
+    tl.store(last_ptr + state_offs, h, mask=mask_nd)
 
 
 def _matrix_strides(x: Tensor, dim: int) -> tuple[int, int, int, int, int]:
@@ -95,18 +210,36 @@ def _matrix_strides(x: Tensor, dim: int) -> tuple[int, int, int, int, int]:
     return dim // x.shape[1], x.stride(0), x.stride(1), x.stride(2), x.stride(3)  # (B, G, N, L)
 
 
+def _matrix_mode(x: Tensor, group: int, block_d: int) -> int:
+    """How the kernel reads B or C (SHARED, ONE_GROUP, PER_CHANNEL; see their comment)."""
+    if x.ndim == 2:
+        return SHARED
+    return ONE_GROUP if group % block_d == 0 else PER_CHANNEL
+
+
+def default_blocks(n_state: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_L) for N states: 8 channels per single-warp program (lanes: 8 along D, 4 along N); BLOCK_L
+    so that a thread holds ~16 (step, state) pairs per tile (4 steps at N = 16: 128 registers without spills on
+    sm_90; 8 steps would need ~235, or spill under the cap)."""
+    block_n = max(2, triton.next_power_of_2(n_state))
+    return 8, max(1, min(8, 64 // block_n))
+
+
 def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                           z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                           initial_state: Tensor | None = None, *, block_d: int | None = None,
-                          block_l: int = 8) -> tuple[Tensor, Tensor]:
+                          block_l: int | None = None, num_warps: int = 1,
+                          maxnreg: int | None = MAX_REGISTERS) -> tuple[Tensor, Tensor]:
     """Forward only: (out (B, D, L) in u's dtype, last_state (B, D, N) float32). Inputs as in
-    `reference.ssm.selective_scan` (already validated by the caller). `block_d` channels per program (a power of
-    two; default: up to 2048 state elements per program), `block_l` time steps unrolled per loop iteration."""
+    `reference.ssm.selective_scan` (already validated by the caller). `block_d` channels per program and
+    `block_l` steps per tile (powers of two; defaults: `default_blocks`), `num_warps` per program (1: the layout
+    the module docstring describes), `maxnreg` registers per thread (None: uncapped)."""
     batch, dim, length = u.shape
     n_state = A.shape[1]
     block_n = max(2, triton.next_power_of_2(n_state))
-    if block_d is None:
-        block_d = max(1, min(triton.next_power_of_2(dim), 2048 // block_n, 64))
+    default_d, default_l = default_blocks(n_state)
+    block_d = block_d or default_d
+    block_l = block_l or default_l
     u_c, delta_c = u.contiguous(), delta.contiguous()
     z_c = z.contiguous() if z is not None else u_c
     A_c = A.float().contiguous()
@@ -117,33 +250,43 @@ def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     bias_c = delta_bias.float().contiguous() if delta_bias is not None else A_c
     group_B, *strides_B = _matrix_strides(B, dim)
     group_C, *strides_C = _matrix_strides(C, dim)
+    B_mode, C_mode = _matrix_mode(B, group_B, block_d), _matrix_mode(C, group_C, block_d)
+    if PER_CHANNEL in (B_mode, C_mode) and maxnreg == MAX_REGISTERS:
+        maxnreg = None  # the per-channel gathers need ~170 registers: capped at 128 they would spill
     grid = (batch, triton.cdiv(dim, block_d))
     _selective_scan_fwd[grid](
         u_c, delta_c, A_c, B, C, D_c, z_c, bias_c, h0, out, last, dim, length, n_state, group_B, group_C,
         *strides_B, *strides_C, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        HAS_H0=initial_state is not None, SOFTPLUS=delta_softplus, BLOCK_D=block_d, BLOCK_N=block_n,
-        BLOCK_L=block_l)
+        HAS_H0=initial_state is not None, SOFTPLUS=delta_softplus, B_MODE=B_mode, C_MODE=C_mode, BLOCK_D=block_d,
+        BLOCK_N=block_n, BLOCK_L=block_l, num_warps=num_warps, maxnreg=maxnreg)
     return out, last
 
 
-def compile_for_gpu(capability: int = 90, dtype: str = "bf16", *, options: bool = True, block_d: int = 32,
-                    block_n: int = 16, block_l: int = 8) -> Any:
+def compile_for_gpu(capability: int = 90, dtype: str = "bf16", *, options: bool = True, matrix_mode: int = ONE_GROUP,
+                    block_d: int = 8, block_n: int = 16, block_l: int = 4, num_warps: int = 1,
+                    maxnreg: int | None = MAX_REGISTERS) -> Any:
     """Compile `_selective_scan_fwd` ahead of time for CUDA compute capability `capability` (90: H100) with
-    (u, delta, B, C, z, out) in `dtype` ("fp32", "fp16", "bf16") and every option on or off; no GPU needed (Triton's
-    frontend, its passes and ptxas run on the CPU). This is the check `TRITON_INTERPRET=1` cannot make, so it
-    must run in a process without that variable (the tests use a subprocess). Returns Triton's compiled kernel."""
+    (u, delta, B, C, z, out) in `dtype` ("fp32", "fp16", "bf16"), every option on or off and B, C read as
+    `matrix_mode` (SHARED, ONE_GROUP, PER_CHANNEL); no GPU needed (Triton's frontend, its passes and ptxas run on
+    the CPU). This is the check `TRITON_INTERPRET=1` cannot make, so it must run in a process without that
+    variable (the tests use a subprocess). Returns Triton's compiled kernel."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     names: list[str] = _selective_scan_fwd.arg_names
     constexprs = {"HAS_D": options, "HAS_Z": options, "HAS_BIAS": options, "HAS_H0": options, "SOFTPLUS": options,
-                  "BLOCK_D": block_d, "BLOCK_N": block_n, "BLOCK_L": block_l}
+                  "B_MODE": matrix_mode, "C_MODE": matrix_mode, "BLOCK_D": block_d, "BLOCK_N": block_n,
+                  "BLOCK_L": block_l}
     io = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr"}  # in the input dtype; A, D, bias, h0: fp32
     signature = {name: "constexpr" if name in constexprs else (f"*{dtype}" if name in io else "*fp32")
                  if name.endswith("_ptr") else "i32" for name in names}
+    # as Triton specialises a typical launch: pointers 16-byte aligned, sizes and strides multiples of 16
+    aligned = [name for name in names if name not in constexprs and name not in {"n_state", "sB_l", "sC_l"}]
     source = ASTSource(fn=_selective_scan_fwd, signature=signature,
-                       constexprs={(names.index(name),): value for name, value in constexprs.items()})
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32))
+                       constexprs={(names.index(name),): value for name, value in constexprs.items()},
+                       attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned})
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": num_warps, "maxnreg": maxnreg})
 
 
 class _TritonScan(torch.autograd.Function):
