@@ -42,7 +42,7 @@ class LiquidCell(ReferenceLiquidCell):
         self.check_input(x, h0, "LiquidCell.forward")
         out_dtype = x.dtype
         work = torch.float32 if out_dtype in _HALF else out_dtype
-        B, L, _ = x.shape
+        B = x.shape[0]
         w_in = self.w_in.weight.to(work)
         u = F.linear(x.to(work), w_in, self.w_in.bias.to(work))  # W_in x + b for every step, (B, L, H)
         delta = self.dt / self.ode_unfolds
@@ -52,8 +52,8 @@ class LiquidCell(ReferenceLiquidCell):
         w_rec_t = self.w_rec.weight.to(work).t()  # (H, H)
         h = x.new_zeros(B, self.hidden_dim, dtype=work) if h0 is None else h0.to(work)
         states: list[Tensor] = []
-        for t in range(L):
-            h = ltc_unfolds(u[:, t], h, w_rec_t, dt_a, denom0, delta, self.ode_unfolds)
+        for u_t in u.unbind(1):  # one unbind, not L selects (whose backward zero-fills (B, L, H) per step)
+            h = ltc_unfolds(u_t, h, w_rec_t, dt_a, denom0, delta, self.ode_unfolds)
             states.append(h)
         if not states:
             return x.new_zeros(B, 0, self.hidden_dim), h.to(out_dtype)

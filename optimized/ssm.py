@@ -85,11 +85,15 @@ def scan_dispatch(u: Tensor, *, initial_state: Tensor | None = None) -> str:
 
 # ---------------------------------------------------------------------------------------------- torch path
 
-def chunk_length(length: int, per_step: int) -> int:
-    """T for `chunked_scan`: about √L, which balances the 2T in-chunk steps against the L/T chunk steps; longer
-    when one in-chunk step (per_step·L/T elements, per_step = B·D·N) would exceed STEP_ELEMENTS; then evened
-    out so that the last chunk is nearly full."""
-    target = min(length, max(math.isqrt(length), -(-per_step * length // STEP_ELEMENTS)))
+def chunk_length(length: int, per_step: int, *, gpu: bool = False) -> int:
+    """T for `chunked_scan`: about √L, which balances the 2T in-chunk steps against the L/T chunk steps (on a
+    GPU √(L/2), the minimum of 2T + L/T: every step is a few kernel launches, so the step count is the cost);
+    on a CPU longer when one in-chunk step (per_step·L/T elements, per_step = B·D·N) would exceed
+    STEP_ELEMENTS; then evened out so that the last chunk is nearly full."""
+    if gpu:
+        target = max(1, min(length, math.isqrt(max(length // 2, 1))))
+    else:
+        target = min(length, max(math.isqrt(length), -(-per_step * length // STEP_ELEMENTS)))
     n_chunks = -(-length // target)
     return -(-length // n_chunks)
 
@@ -109,9 +113,12 @@ def _by_step(x: Tensor, groups: int, n_chunks: int, chunk: int) -> Tensor:
     return x.permute(4, 0, 3, 1, 2)[..., None, :].contiguous()
 
 
-def _at(x: Tensor, t: int) -> Tensor:
-    """Step t of a `_by_step` layout (the shared layout has no time axis)."""
-    return x if x.ndim == 3 else x[t]
+def _steps(x: Tensor, chunk: int) -> list[Tensor]:
+    """The T steps of a `_by_step` layout as views (the shared layout has no time axis: the same tensor T times).
+
+    One `unbind` instead of T `select`s: the backward of `x[t]` zero-fills a tensor of x's full size at every
+    step (T² work per chunk), the backward of `unbind` stacks the T gradients once."""
+    return [x] * chunk if x.ndim == 3 else list(x.unbind(0))
 
 
 def chunked_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
@@ -137,7 +144,7 @@ def chunked_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: T
     batch, dim, length = u.shape  # (B, D, L)
     n_state = A.shape[1]
     if chunk is None:
-        chunk = chunk_length(length, batch * dim * n_state)
+        chunk = chunk_length(length, batch * dim * n_state, gpu=u.is_cuda)
     elif not 1 <= chunk <= length:
         raise ValueError(f"chunked_scan: chunk must be in [1, L = {length}], got {chunk}")
     n_chunks = -(-length // chunk)
@@ -149,31 +156,33 @@ def chunked_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: T
         x = F.pad(x, (0, n_chunks * chunk - length)).unflatten(-1, (n_chunks, chunk))  # (B, D, nC, T)
         return x.permute(3, 0, 2, 1).unflatten(-1, (groups, dim // groups))[..., None].contiguous()
 
-    dt_s, x_s = by_step(dt), by_step(dt * u_w)
+    dt_all = by_step(dt)
+    dt_s, x_s = dt_all.unbind(0), by_step(dt * u_w).unbind(0)
     A_g = A.to(work).reshape(groups, dim // groups, n_state)  # (G, D/G, N)
-    B_s, C_s = _by_step(B.to(work), groups, n_chunks, chunk), _by_step(C.to(work), groups, n_chunks, chunk)
+    B_s = _steps(_by_step(B.to(work), groups, n_chunks, chunk), chunk)
+    C_s = _steps(_by_step(C.to(work), groups, n_chunks, chunk), chunk)
     # (1) chunk-local states from zero, all chunks at once
     decays: list[Tensor] = []
     ys: list[Tensor] = []
-    h = x_s[0] * _at(B_s, 0)  # (B, nC, G, D/G, N)
+    h = x_s[0] * B_s[0]  # (B, nC, G, D/G, N)
     for t in range(chunk):
         decays.append((dt_s[t] * A_g).exp_())  # Ā_t; in place on a fresh product, which autograd does not save
         if t:
-            h = (decays[t] * h).addcmul_(x_s[t], _at(B_s, t))  # Ā_t h + Δ_t u_t B_t, no (D, N) outer product
-        ys.append(h @ _at(C_s, t).mT)  # (B, nC, G, D/G, 1)
+            h = (decays[t] * h).addcmul_(x_s[t], B_s[t])  # Ā_t h + Δ_t u_t B_t, no (D, N) outer product
+        ys.append(h @ C_s[t].mT)  # (B, nC, G, D/G, 1)
     # (2) the states entering each chunk
-    chunk_decay = torch.exp(dt_s.sum(dim=0) * A_g)  # P_c (B, nC, G, D/G, N)
+    chunk_decay = torch.exp(dt_all.sum(dim=0) * A_g)  # P_c (B, nC, G, D/G, N)
     state = (torch.zeros(batch, groups, dim // groups, n_state, dtype=work, device=u.device)
              if initial_state is None else initial_state.to(work).reshape(batch, groups, -1, n_state))
     entering: list[Tensor] = []
-    for c in range(n_chunks):
+    for h_c, decay_c in zip(h.unbind(1), chunk_decay.unbind(1), strict=True):
         entering.append(state)
-        state = torch.addcmul(h[:, c], chunk_decay[:, c], state)
+        state = torch.addcmul(h_c, decay_c, state)
     # (3) the carried part
     g = torch.stack(entering, dim=1)  # (B, nC, G, D/G, N)
     for t in range(chunk):
         g = decays[t] * g
-        ys[t] = ys[t] + g @ _at(C_s, t).mT
+        ys[t] = ys[t] + g @ C_s[t].mT
     y = torch.stack(ys).flatten(3).permute(1, 3, 2, 0).flatten(2)[..., :length]  # (B, D, L)
     if D is not None:
         y = y + D.to(work)[:, None] * u_w

@@ -164,10 +164,14 @@ def decayed_cumsum(u: Tensor, lam: Tensor, state: Tensor | None = None, *, chunk
     work = _work_dtype(out_dtype)
     batch, length, slots, width = u.shape
     M = u.new_zeros((batch, slots, width), dtype=work) if state is None else state.to(work)  # (B, S, X)
+    if length == 0:
+        return u.new_zeros(u.shape)
     chunks: list[Tensor] = []
-    for start in range(0, length, chunk_size):
-        u_c = u[:, start:start + chunk_size].to(work)  # (B, C, S, X)
-        lam_c = lam[:, start:start + chunk_size].to(work).transpose(1, 2)  # (B, S, C)
+    # `split`, not slicing in the loop: a slice's backward zero-fills a gradient of u's full size per chunk
+    # (L²/C work), split's backward concatenates once.
+    for u_c, lam_c in zip(u.split(chunk_size, dim=1), lam.split(chunk_size, dim=1), strict=True):
+        u_c = u_c.to(work)  # (B, C, S, X)
+        lam_c = lam_c.to(work).transpose(1, 2)  # (B, S, C)
         steps = u_c.shape[1]
         t = torch.arange(steps, device=u.device)
         after = t[:, None] > t[None, :]  # (C, C): row t strictly after column r
@@ -177,8 +181,6 @@ def decayed_cumsum(u: Tensor, lam: Tensor, state: Tensor | None = None, *, chunk
         M_c = torch.einsum("bstr,brsx->btsx", W, u_c) + P.transpose(1, 2)[..., None] * M[:, None]
         chunks.append(M_c)
         M = M_c[:, -1]
-    if not chunks:
-        return u.new_zeros(u.shape)
     return torch.cat(chunks, dim=1).to(out_dtype)
 
 
