@@ -48,7 +48,7 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _use_kernel(q: Tensor, k: Tensor) -> bool:
-    if not kernel_available(q):
+    if not kernel_available(q, "omega"):
         return False
     from optimized.kernels.omega import kernel_supports
 

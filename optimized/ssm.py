@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from optimized.kernels import triton_available
+from optimized.kernels import kernel_available
 from reference.ssm import (
     channel_view,
     compute_dtype,
@@ -78,7 +78,7 @@ def scan_dispatch(u: Tensor, *, initial_state: Tensor | None = None) -> str:
     if u.is_cuda and u.dtype in _KERNEL_DTYPES:
         if initial_state is None and _load_mamba_ssm()[0] is not None:
             return "mamba_ssm.cuda"
-        if triton_available():
+        if kernel_available(u, "scan"):
             return "triton"
     return "torch-chunked"
 

@@ -148,7 +148,7 @@ def _chunks(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: 
 def titans_dispatch(k: Tensor, *, chunk_size: int) -> str:
     """The branch `titans_memory_chunked` takes for keys like `k` (B, H, L, d_k): "triton" (CUDA, Triton
     importable, float32/float16/bfloat16, d_k ≤ KERNEL_MAX_DK, chunk ≤ KERNEL_MAX_CHUNK) or "torch-chunked"."""
-    if (kernel_available(k) and k.dtype in _KERNEL_DTYPES and k.shape[-1] <= KERNEL_MAX_DK
+    if (kernel_available(k, "titans") and k.dtype in _KERNEL_DTYPES and k.shape[-1] <= KERNEL_MAX_DK
             and chunk_size <= KERNEL_MAX_CHUNK):
         return "triton"
     return "torch-chunked"

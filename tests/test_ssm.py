@@ -487,3 +487,23 @@ def test_bad_scan_inputs_raise_errors_naming_the_argument(impl: Any) -> None:
         impl.selective_scan(u, delta, A, B, C, delta_bias=torch.zeros(3))
     with pytest.raises(ShapeError, match=r"selective_scan_step: state must have shape \(B, D, N\)"):
         impl.selective_scan_step(torch.zeros(2, 4, 2), u[..., 0], delta[..., 0], A, B[..., 0], C[..., 0])
+
+
+def test_kernels_can_be_switched_off_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MEMARCH_DISABLE_KERNELS sends the named kernels (or all) to their torch path; others keep theirs."""
+    from types import SimpleNamespace
+    from typing import cast
+
+    import optimized.kernels as kernels
+
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    fake_cuda = cast(torch.Tensor, SimpleNamespace(is_cuda=True))
+    monkeypatch.delenv("MEMARCH_DISABLE_KERNELS", raising=False)
+    assert kernels.kernel_available(fake_cuda, "omega") and kernels.kernel_available(fake_cuda, "scan")
+    monkeypatch.setenv("MEMARCH_DISABLE_KERNELS", " omega , titans")
+    assert kernels.kernels_disabled() == {"omega", "titans"}
+    assert not kernels.kernel_available(fake_cuda, "omega")
+    assert kernels.kernel_available(fake_cuda, "scan")
+    monkeypatch.setenv("MEMARCH_DISABLE_KERNELS", "all")
+    assert not kernels.kernel_available(fake_cuda, "scan")
+    assert not kernels.kernel_available(torch.zeros(1), "scan")  # CPU tensors never take a kernel by default

@@ -20,11 +20,19 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def kernel_available(x: torch.Tensor) -> bool:
-    """Whether the default dispatch sends `x` to a Triton kernel: CUDA tensors with Triton importable.
+def kernels_disabled() -> set[str]:
+    """Kernel names switched off by `MEMARCH_DISABLE_KERNELS` (comma-separated, e.g. "omega,titans"; "all")."""
+    return {name.strip() for name in os.environ.get("MEMARCH_DISABLE_KERNELS", "").split(",") if name.strip()}
+
+
+def kernel_available(x: torch.Tensor, name: str = "") -> bool:
+    """Whether the default dispatch sends `x` to the Triton kernel `name`: CUDA tensors with Triton importable,
+    unless `MEMARCH_DISABLE_KERNELS` names the kernel (or says "all"), which sends it to the torch path (for
+    A/B timing and for ruling a kernel out when debugging).
 
     CPU tensors always take the torch path by default (the interpreter is far too slow for real work);
     tests call the kernels directly on small CPU tensors under `TRITON_INTERPRET=1` (see
     `triton_interpreting`), so CI runs the same kernel code the GPU runs.
     """
-    return x.is_cuda and triton_available()
+    off = kernels_disabled()
+    return x.is_cuda and triton_available() and not ({name, "all"} & off)
