@@ -3,12 +3,6 @@ norm bound, closed forms, bad input; the Triton kernel in the interpreter, compi
 
 from __future__ import annotations
 
-import inspect
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from hypothesis import given
@@ -21,6 +15,7 @@ from reference.validation import MemarchError, ShapeError
 from tests.causality import assert_causal
 from tests.equivalence import assert_equivalent
 from tests.strategies import make_tensor, seeds
+from tests.triton_compile import assert_compiles
 
 CPU_DTYPES = st.sampled_from([torch.float64, torch.float32])
 sizes = st.tuples(st.integers(1, 2), st.integers(1, 2), st.integers(1, 20), st.sampled_from([2, 4]),
@@ -268,17 +263,10 @@ def test_triton_autograd_gradients_match_reference(persistent: str) -> None:
 def test_triton_kernel_compiles_for_h100_without_a_gpu() -> None:
     # the interpreter runs the kernel's Python, not Triton's compiler: compile it for sm_90 in a process without
     # TRITON_INTERPRET, in the default GPU tiles, with and without the persistent term, bf16 and fp32
-    from triton.compiler import ASTSource
-
-    if "constexprs" not in inspect.signature(ASTSource).parameters:
-        pytest.skip("this Triton's ASTSource predates the `constexprs` argument compile_for_gpu uses")
     script = ("from optimized.kernels.omega import compile_for_gpu\n"
               "for dtype, persistent, bm, bn in (('bf16', True, 128, 64), ('fp32', False, 64, 32)):\n"
               "    assert 'cubin' in compile_for_gpu(90, dtype, persistent=persistent, block_m=bm, block_n=bn).asm\n")
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert_compiles(script)
 
 
 @pytest.mark.gpu

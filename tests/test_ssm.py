@@ -4,11 +4,7 @@ carry-over, agreement with mamba-ssm's own reference, bad input."""
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import math
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +22,7 @@ from reference.validation import DTypeError, ShapeError
 from tests.causality import assert_causal
 from tests.equivalence import assert_equivalent
 from tests.strategies import make_tensor, seeds
+from tests.triton_compile import assert_compiles
 
 LAYOUTS = ("shared", "per_step", "grouped")
 # L = 1, odd, squares and their neighbours: the chunk length is about √L, so the last chunk is full or part-padded
@@ -367,17 +364,10 @@ def test_triton_kernel_compiles_for_h100_without_a_gpu() -> None:
     # earlier one did on Triton 3.6: its scan's combine function carried `Any` annotations) passes every interpreter
     # test: compile it for sm_90 here, in a process without TRITON_INTERPRET (which changes how Triton builds
     # kernels), with every option on and off and each way of reading B and C
-    from triton.compiler import ASTSource
-
-    if "constexprs" not in inspect.signature(ASTSource).parameters:
-        pytest.skip("this Triton's ASTSource predates the `constexprs` argument compile_for_gpu uses")
     script = ("from optimized.kernels.selective_scan import compile_for_gpu\n"
               "for dtype, options, mode in (('bf16', True, 1), ('fp32', False, 0), ('fp16', True, 2)):\n"
               "    assert 'cubin' in compile_for_gpu(90, dtype, options=options, matrix_mode=mode).asm\n")
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert_compiles(script)
 
 
 @needs_interpreter

@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from hypothesis import given
@@ -21,6 +15,7 @@ from tests.causality import assert_causal
 from tests.equivalence import assert_close_scaled, assert_equivalent, assert_modules_equivalent
 from tests.strategies import make_tensor, seeds
 from tests.tolerances import tolerance
+from tests.triton_compile import assert_compiles
 
 F64 = torch.float64
 
@@ -288,17 +283,10 @@ def test_triton_autograd_wrapper_gradients_match_reference(L: int, with_state: b
 def test_triton_kernel_compiles_for_h100_without_a_gpu() -> None:
     # the interpreter runs the kernel's Python, not Triton's compiler: compile it for sm_90 here, in a process
     # without TRITON_INTERPRET (which changes how Triton builds kernels), at the benchmark's sizes and a small one
-    from triton.compiler import ASTSource
-
-    if "constexprs" not in inspect.signature(ASTSource).parameters:
-        pytest.skip("this Triton's ASTSource predates the `constexprs` argument compile_for_gpu uses")
     script = ("from optimized.kernels.titans import compile_for_gpu\n"
               "for dtype, chunk, d_k in (('bf16', 64, 128), ('fp32', 4, 16)):\n"
               "    assert 'cubin' in compile_for_gpu(90, dtype, chunk=chunk, d_k=d_k).asm\n")
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert_compiles(script)
 
 
 @pytest.mark.gpu
