@@ -31,22 +31,16 @@ import yaml
 
 from reference.deq_solvers import ConvergenceWarning
 from reference.validation import MemarchError
+from tests.tiny_models import TINY_MODELS
 from training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from training.config import load_experiment
 from training.loop import METRICS_NAME, SUMMARY_NAME, train
 
 ROOT = Path(__file__).resolve().parent.parent
 NEEDLE = {"name": "needle", "n_needles": 2, "seq_len": 8, "num_keys": 3, "num_values": 3, "num_filler": 3}
-MODELS: dict[str, dict[str, Any]] = {
-    "gru": {"embed_dim": 8, "hidden_dim": 16},
-    "atlas_mag": {"dim": 8, "num_layers": 1, "num_heads": 2, "window": 4, "omega_window": 4, "num_persistent": 2},
-    "atlas_omega": {"dim": 8, "num_layers": 1, "num_heads": 2, "window": 4, "key_dim": 4, "value_dim": 4,
-                    "chunk_size": 2},
-    "hamt": {"hidden_dim": 8, "hcm_dim": 16, "num_layers": 1, "num_slots": 2, "max_seq_len": 16},
-    "unified": {"d_model": 8, "d_state": 4, "n_layers": 1, "memory_size": 8, "max_iterations": 4},
-    "emma_liquid": {"embed_dim": 8, "hidden_dim": 16, "mem_dim": 16, "ode_unfolds": 2, "top_k": 2,
-                    "steps_per_epoch": 5, "num_filler": 3, "num_keys": 3, "num_values": 3},
-}
+# the shared tiny models; EMMA also takes the needle task's sizes and a short epoch (its schedule is in epochs)
+MODELS: dict[str, dict[str, Any]] = {**TINY_MODELS, "emma_liquid": {**TINY_MODELS["emma_liquid"], "steps_per_epoch": 5,
+                                                                   "num_filler": 3, "num_keys": 3, "num_values": 3}}
 RECURRENT = ("gru", "hamt")  # models whose forward carries a state: truncated BPTT applies
 COUNTS = ("runs", "completed_runs", "kills", "sigints", "sigints_outside_loop", "resumes",
           "restarts_without_checkpoint", "checkpoints_verified", "exact_resume_checks", "summaries_without_final_loss",
