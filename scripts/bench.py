@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from training.benchmarks import BenchArgs, discover, format_table
+from training.benchmarks import PROGRESS, BenchArgs, discover, format_table
 from training.benchmarks.models import bench_models, model_config, parse_overrides, registered_models, summarize
 from training.device import resolve_device
 
@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     device = resolve_device(args.device)
+    PROGRESS["enabled"] = True
     bench_args = BenchArgs(device=device, quick=args.quick, repeat=args.repeat,
                            extra={"seq_lens": args.seq_lens, "batch_size": args.batch_size,
                                   "ref_seq_lens": args.ref_seq_lens, "no_compile": args.no_compile,

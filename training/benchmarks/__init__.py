@@ -20,6 +20,9 @@ import torch
 __all__ = ["BenchArgs", "BenchRow", "discover", "format_table", "register", "time_fn"]
 
 
+PROGRESS = {"enabled": False}  # print each BenchRow to stderr when it is made (set by scripts/bench.py)
+
+
 @dataclass(frozen=True)
 class BenchArgs:
     device: torch.device
@@ -40,8 +43,10 @@ class BenchRow:
     note: str = ""
 
     def __post_init__(self) -> None:
-        # Progress: every row goes to stderr as soon as it is measured, so a run cut off by a time limit keeps
-        # the rows it finished (the Markdown table on stdout comes at the end of each op).
+        # Progress (`scripts/bench.py` turns it on): every row goes to stderr as soon as it is measured, so a run
+        # cut off by a time limit keeps the rows it finished (the Markdown table comes at the end of each op).
+        if not PROGRESS["enabled"]:
+            return
         ms = f"{self.ms:.3f} ms" if self.ms == self.ms else "—"
         print(f"# row: {self.op} | {self.impl} | {self.params} | {ms} | {self.dispatch} | {self.throughput} | "
               f"{self.note}", file=sys.stderr, flush=True)
