@@ -321,7 +321,9 @@ class EMMA(nn.Module):
         is_key = layout_masks(input_ids, self.config)[0].to(q.dtype)  # (B, L)
         query_cos = vsa.cosine(q, self.key_codebook[input_ids])  # (B, L)
         query = ((1 - query_cos) * is_key).sum() / is_key.sum().clamp_min(1)
-        return align + F.binary_cross_entropy(g_hat, oracle.gate) + query
+        with torch.autocast(g_hat.device.type, enabled=False):  # BCE on probabilities: float32, outside autocast
+            gate_loss = F.binary_cross_entropy(g_hat.float(), oracle.gate.float()).to(align.dtype)
+        return align + gate_loss + query
 
     @torch.no_grad()
     def diagnostics(self, input_ids: Tensor, k_hat: Tensor, v_hat: Tensor, g_hat: Tensor, reads: Tensor,

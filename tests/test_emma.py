@@ -278,3 +278,22 @@ def test_optimized_emma_matches_reference_on_cuda(dtype: torch.dtype) -> None:
     # bf16 as it is trained (`train.autocast: bf16`): float32 parameters, the forward under autocast
     assert_modules_equivalent(r, o, (x,), dtype=dtype, device="cuda", autocast=dtype == torch.bfloat16,
                               output=lambda out: out["logits"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["reference", "optimized"])
+def test_emma_training_step_runs_under_bf16_autocast_on_cuda(impl: str) -> None:
+    # `train.autocast: bf16` on CUDA: the write loss's BCE on gate probabilities is banned under CUDA autocast, so
+    # it runs in float32 outside it; the step's loss and gradients must be finite
+    r, o = models(small_config(deq_tol=1e-3, deq_max_iter=30), 25)
+    model = (r if impl == "reference" else o).to("cuda").train()
+    x, y = needle_batch(4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(x.cuda())
+        logits = out["logits"]
+        assert isinstance(logits, torch.Tensor) and isinstance(out["aux_loss"], torch.Tensor)
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.cuda().flatten(),
+                                                 ignore_index=-100) + out["aux_loss"]
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
