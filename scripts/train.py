@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     if not dist.is_main:
         return 0
     short = {k: summary[k] for k in ("status", "steps", "impl", "device", "model", "final_loss",
-                                     "val_loss", "val_accuracy", "wall_time_s") if k in summary}
+                                     "val_loss", "val_accuracy", "wall_time_s",
+                                     "train_tokens_per_s", "peak_memory_mib") if k in summary}
     print(json.dumps(short, indent=2))
     if "val_accuracy" in summary:
         print(f"task accuracy (val): {summary['val_accuracy']:.4f}  — run folder: {out}")

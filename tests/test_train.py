@@ -139,6 +139,11 @@ def test_cli_writes_metrics_checkpoint_and_summary(tmp_path: Path) -> None:
     assert summary["steps"] == 30 and summary["impl"] == "optimized" and summary["device"] == "cpu"
     assert {"final_loss", "val_accuracy", "wall_time_s", "first_loss"} <= set(summary)
     assert len(read_metrics(tmp_path / "run")) == 30
+    # throughput over the training steps only (input tokens: batch × sequence length per step); no GPU memory here
+    tokens = 30 * SMALL["train"]["batch_size"] * SMALL["task"]["seq_len"]
+    assert 0 < summary["train_tokens_per_s"] and tokens / summary["train_tokens_per_s"] <= summary["wall_time_s"]
+    assert summary["peak_memory_mib"] is None
+    assert '"train_tokens_per_s"' in result.stdout
 
 
 def test_cli_bad_input_gives_one_clear_error(tmp_path: Path) -> None:

@@ -376,8 +376,14 @@ def train(exp: ExperimentConfig, *, impl: str, device: torch.device, out_dir: st
     on_step = getattr(core, "on_step", None)
     if callable(on_step) and start > 0:  # a resumed model gets the schedule state of its last step back
         on_step(start - 1, tc.steps)
+    probe_x, _ = task.batch("train", 0, 1, tc.seed)
+    tokens_per_step = probe_x[0].numel() * tc.batch_size * tc.grad_accum_steps  # input tokens, whole batch
+    train_time, timed_steps = 0.0, 0  # training steps only (no evaluation, checkpoints, logging)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     with _catch_signals(flag):
         while step < stop_at:
+            t_step = time.perf_counter()
             on_step = getattr(core, "on_step", None)
             if callable(on_step):  # schedules inside the model (gate floors, λ(t), mem_scale, …)
                 on_step(step, tc.steps)
@@ -410,6 +416,8 @@ def train(exp: ExperimentConfig, *, impl: str, device: torch.device, out_dir: st
                 optimizer.step()
             scheduler.step()
             step += 1
+            train_time += time.perf_counter() - t_step  # the step ended in a host sync (the gradient norm)
+            timed_steps += 1
             last = {"loss": total, "task_loss": loss, "accuracy": acc,
                     "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"], **extra}
             if first_loss is None:
@@ -451,6 +459,9 @@ def train(exp: ExperimentConfig, *, impl: str, device: torch.device, out_dir: st
             "parameters": sum(p.numel() for p in core.parameters()) * (dist.world_size if dist.fsdp else 1),
             "first_loss": first_loss, "final_loss": last.get("loss"), "final_train_accuracy": last.get("accuracy"),
             **evals, "skipped_steps": skipped, "wall_time_s": wall, "world_size": dist.world_size,
+            "train_tokens_per_s": tokens_per_step * timed_steps / train_time if train_time > 0 else None,
+            "peak_memory_mib": (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+                                else None),
             "config": config_dict, "source": exp.source,
         }
         if main:
