@@ -8,6 +8,8 @@ only asks the device "is every sample done, or did one go non-finite?" once ever
 applies the policy). Anderson's bordered least-squares systems are solved for the whole batch in one
 `torch.linalg.solve_ex` call (no error-check sync); Broyden keeps H = −I + Σ u_i v_iᵀ in low-rank form.
 Norms and Anderson's normal equations are computed in at least float32 under half-precision inputs.
+On CUDA without autograd recording (`use_kernels`), each iteration's bookkeeping (`_DeviceTracker.observe`) and
+each Broyden update run as single Triton launches (`optimized.kernels.deq`): same state, same equations.
 Tolerance vs the float64 reference: float64 1e-10, float32 1e-5 (z*), iteration counts equal (±1 where a
 residual lands within rounding of tol).
 """
@@ -21,6 +23,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from optimized.kernels import kernel_available
 from reference.deq_solvers import (
     POLICIES,
     RESIDUAL_EPS,
@@ -57,6 +60,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+BROYDEN_KERNEL_MAX_N = 4096  # the Broyden kernel holds a dozen length-N rows in registers; wider: torch update
+BROYDEN_START_ROWS = 32  # the kernel path's first U/V capacity (doubled when full)
+
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
@@ -71,12 +77,15 @@ def relative_residual(z: Tensor, fz: Tensor) -> Tensor:
 
 
 class _DeviceTracker:
-    """The reference tracker's bookkeeping as device-side masks; syncs only in `should_stop` and `finish`."""
+    """The reference tracker's bookkeeping as device-side masks; syncs only in `should_stop` and `finish`.
+    With `kernels` (CUDA, no autograd) `observe` is one `optimized.kernels.deq` launch updating the same state in
+    place (the trace preallocated), instead of a few dozen element-wise kernels."""
 
-    def __init__(self, z0: Tensor, tol: float, stop_fn: StopFn | None, fn: str, check_every: int) -> None:
-        batch = z0.shape[0]
-        self.best_z = z0
-        self.best_r = torch.full((batch,), math.inf, dtype=_work_dtype(z0.dtype), device=z0.device)
+    def __init__(self, z0: Tensor, tol: float, stop_fn: StopFn | None, fn: str, check_every: int,
+                 max_iter: int = 0, kernels: bool = False) -> None:
+        batch, wt = z0.shape[0], _work_dtype(z0.dtype)
+        self.best_z = z0.clone(memory_format=torch.contiguous_format) if kernels else z0
+        self.best_r = torch.full((batch,), math.inf, dtype=wt, device=z0.device)
         self.converged = torch.zeros(batch, dtype=torch.bool, device=z0.device)
         self.iterations = torch.zeros(batch, dtype=torch.long, device=z0.device)
         self.first_bad = torch.full((batch,), -1, dtype=torch.long, device=z0.device)
@@ -84,9 +93,22 @@ class _DeviceTracker:
         self.trace: list[Tensor] = []
         self.tol, self.stop_fn, self.fn, self.check_every = tol, stop_fn, fn, check_every
         self.shape = (-1,) + (1,) * (z0.ndim - 1)
+        self.kernels = kernels
+        if kernels:
+            self.trace_buf = torch.empty(max_iter + 1, batch, dtype=wt, device=z0.device)
+            # [tol, residual eps, machine eps] in the work dtype (read by the kernels, no host scalars)
+            self.consts = torch.tensor([tol, RESIDUAL_EPS, torch.finfo(wt).eps], dtype=wt, device=z0.device)
 
-    def observe(self, step: int, z: Tensor, fz: Tensor) -> Tensor:
-        """Record z_step and f(z_step); return the (B,) mask of samples that keep iterating (no sync)."""
+    def observe(self, step: int, z: Tensor, fz: Tensor, z_next: Tensor | None = None) -> Tensor:
+        """Record z_step and f(z_step); return the (B,) mask of samples that keep iterating (no sync). With
+        `z_next` (kernel path only) also write plain iteration's update f(z) where active, else z, into it."""
+        if self.kernels:
+            from optimized.kernels.deq import observe
+
+            extra = call_stop(self.stop_fn, z, fz, self.fn)
+            observe(z, fz, self.best_z, self.best_r, self.converged, self.iterations, self.first_bad, self.active,
+                    self.trace_buf[step], self.consts, step, extra=extra, z_next=z_next)
+            return self.active
         active = ~self.converged & (self.first_bad < 0)
         finite = torch.isfinite(z.flatten(1)).all(1) & torch.isfinite(fz.flatten(1)).all(1)
         self.first_bad = torch.where(active & ~finite, torch.full_like(self.first_bad, step), self.first_bad)
@@ -123,7 +145,8 @@ class _DeviceTracker:
             step = int(stats[1])
             n_bad = int((self.first_bad == step).sum())
             raise NonFiniteError(nonfinite_message(self.fn, step, n_bad, int(stats[2])))
-        trace = torch.stack(self.trace[: int(stats[3]) + 1])  # (T, B)
+        n_trace = int(stats[3]) + 1
+        trace = self.trace_buf[:n_trace].clone() if self.kernels else torch.stack(self.trace[:n_trace])  # (T, B)
         info = SolverInfo(self.converged, self.iterations, self.best_r.to(self.best_z.dtype).detach(), trace,
                           self.fn)
         n_left = int(stats[4])
@@ -137,6 +160,13 @@ class _DeviceTracker:
         return self.best_z, info
 
 
+def use_kernels(z0: Tensor) -> bool:
+    """Whether a solve from `z0` runs its bookkeeping in `optimized.kernels.deq`: CUDA with Triton (unless
+    `MEMARCH_DISABLE_KERNELS` names "deq") and no autograd recording (the kernels write state in place; the
+    unrolled backward mode runs the solver under autograd and takes the torch path)."""
+    return kernel_available(z0, "deq") and not torch.is_grad_enabled()
+
+
 def _keep(active: Tensor, new: Tensor, old: Tensor) -> Tensor:
     return torch.where(active.view((-1,) + (1,) * (new.ndim - 1)), new, old)
 
@@ -146,10 +176,18 @@ def fixed_point_iteration(f: Map, z0: Tensor, *, tol: float = 1e-4, max_iter: in
     """`reference.deq_solvers.fixed_point_iteration`: z_{k+1} = f(z_k), masks on device, sync every k steps."""
     fn = "fixed_point_iteration"
     validate_solve_args(z0, tol, max_iter, policy, fn)
-    tracker = _DeviceTracker(z0, tol, stop_fn, fn, check_every)
+    kernels = use_kernels(z0)
+    tracker = _DeviceTracker(z0, tol, stop_fn, fn, check_every, max_iter, kernels)
     z = z0  # (B, *S)
     for k in range(max_iter + 1):
         fz = call_map(f, z, k, fn)
+        if kernels:  # one launch: bookkeeping and the update
+            z_next = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+            tracker.observe(k, z, fz, z_next=z_next)
+            if k == max_iter or tracker.should_stop(k):
+                break
+            z = z_next
+            continue
         active = tracker.observe(k, z, fz)
         if k == max_iter or tracker.should_stop(k):
             break
@@ -164,7 +202,7 @@ def anderson(f: Map, z0: Tensor, *, tol: float = 1e-4, max_iter: int = 50, m: in
     fn = "anderson"
     validate_solve_args(z0, tol, max_iter, policy, fn)
     validate_anderson_args(m, beta, lam, fn)
-    tracker = _DeviceTracker(z0, tol, stop_fn, fn, check_every)
+    tracker = _DeviceTracker(z0, tol, stop_fn, fn, check_every, max_iter, use_kernels(z0))
     B, wt = z0.shape[0], _work_dtype(z0.dtype)
     X: list[Tensor] = []  # last m iterates, each (B, N) in the work dtype
     F: list[Tensor] = []
@@ -197,7 +235,10 @@ def broyden(f: Map, z0: Tensor, *, tol: float = 1e-4, max_iter: int = 50, policy
     """`reference.deq_solvers.broyden` with H = −I + Σ u_i v_iᵀ kept as (B, j, N) factors (no N×N matrix)."""
     fn = "broyden"
     validate_solve_args(z0, tol, max_iter, policy, fn)
-    tracker = _DeviceTracker(z0, tol, stop_fn, fn, check_every)
+    kernels = use_kernels(z0)
+    tracker = _DeviceTracker(z0, tol, stop_fn, fn, check_every, max_iter, kernels)
+    if kernels and z0[0].numel() <= BROYDEN_KERNEL_MAX_N:
+        return _broyden_kernel(f, z0, tracker, max_iter, policy)
     wt = _work_dtype(z0.dtype)
     Us: list[Tensor] = []  # each (B, N)
     Vs: list[Tensor] = []
@@ -231,6 +272,33 @@ def broyden(f: Map, z0: Tensor, *, tol: float = 1e-4, max_iter: int = 50, policy
         step = apply_h(g, U, V)  # (B, N)
         z_prev, g_prev = z.flatten(1).to(wt), g
         z = _keep(active, (z.flatten(1).to(wt) - step).to(z.dtype).view(z.shape), z)
+    return tracker.finish(policy, max_iter)
+
+
+def _broyden_kernel(f: Map, z0: Tensor, tracker: _DeviceTracker, max_iter: int,
+                    policy: str) -> tuple[Tensor, SolverInfo]:
+    """`broyden` with each iteration's update in one `optimized.kernels.deq.broyden_step` launch; U, V are
+    (B, capacity, N) buffers in the work dtype, grown by doubling (up to max_iter rows)."""
+    from optimized.kernels.deq import broyden_step
+
+    batch, n, wt = z0.shape[0], z0[0].numel(), _work_dtype(z0.dtype)
+    cap = max(1, min(max_iter, BROYDEN_START_ROWS))
+    U = torch.zeros(batch, cap, n, dtype=wt, device=z0.device)
+    V = torch.zeros_like(U)
+    z_prev = torch.empty(batch, n, dtype=wt, device=z0.device)
+    g_prev = torch.empty_like(z_prev)
+    z, j = z0, 0
+    for k in range(max_iter + 1):
+        fz = call_map(f, z, k, "broyden")
+        active = tracker.observe(k, z, fz)
+        if k == max_iter or tracker.should_stop(k):
+            break
+        if k > 0 and j == U.shape[1]:  # full: double the capacity (rare, no sync)
+            more = min(U.shape[1], max_iter - U.shape[1]) or 1
+            U = torch.cat([U, U.new_zeros(batch, more, n)], 1)
+            V = torch.cat([V, V.new_zeros(batch, more, n)], 1)
+        z = broyden_step(z, fz, z_prev, g_prev, U, V, active, tracker.consts, j, has_prev=k > 0)
+        j += 1 if k > 0 else 0
     return tracker.finish(policy, max_iter)
 
 

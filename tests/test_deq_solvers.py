@@ -14,11 +14,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import optimized.deq as opt
+import optimized.deq_solvers as fast_solvers
 import reference.deq as ref
+from optimized.kernels import triton_available, triton_interpreting
 from reference.validation import ConfigError, ConvergenceError, DTypeError, NonFiniteError, ShapeError
 from tests.equivalence import assert_close_scaled
 from tests.strategies import make_tensor, seeds
 from tests.tolerances import tolerance
+from tests.triton_compile import assert_compiles
 
 IMPLS = st.sampled_from([ref, opt])
 SOLVERS = st.sampled_from(list(ref.SOLVERS))
@@ -291,3 +294,124 @@ def test_bad_solver_arguments_are_rejected_with_named_errors(impl: ModuleType) -
         impl.solve(lambda z: z[:, :2], z0)
     with pytest.raises(ShapeError, match=r"stop_fn must return a \(B,\) = \(2,\) bool tensor"):
         impl.solve(f, z0, stop_fn=lambda z, fz: torch.ones(3, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------------------- Triton bookkeeping kernels
+
+needs_interpreter = pytest.mark.skipif(not (triton_available() and triton_interpreting()),
+                                       reason="Triton kernel test on CPU needs triton and TRITON_INTERPRET=1 "
+                                              "(tox sets it)")
+
+
+Solved = tuple[torch.Tensor, ref.SolverInfo]
+
+
+def _both_paths(monkeypatch: pytest.MonkeyPatch, run: Callable[[], Solved]) -> list[Solved]:
+    """`run` once on the torch path and once with the kernels forced on (CPU tensors in the interpreter)."""
+    out: list[Solved] = []
+    for kernels in (False, True):
+        monkeypatch.setattr(fast_solvers, "use_kernels", lambda z0, kernels=kernels: kernels)
+        with torch.no_grad():
+            out.append(run())
+    return out
+
+
+@needs_interpreter
+@pytest.mark.parametrize("method", ref.SOLVERS)
+@pytest.mark.parametrize(("shape", "dtype"), [((3, 7), torch.float64), ((2, 3, 5), torch.float32)])
+def test_kernel_bookkeeping_equals_the_torch_path(monkeypatch: pytest.MonkeyPatch, method: str,
+                                                  dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    # L = 0.9, max_iter 25: some plain-iteration samples do not converge (best iterate, flags); the stop rule
+    # masks one sample
+    B, n = shape[0], math.prod(shape[1:])
+    f2 = contractive_map("tanh", B, n, 0.9, 11, dtype=dtype)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return f2(z.reshape(B, n)).reshape(shape)
+
+    def stop(z: torch.Tensor, fz: torch.Tensor) -> torch.Tensor:
+        return torch.arange(B) != 1
+
+    z0 = make_tensor(shape, 12, dtype=dtype)
+    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    for stop_fn in (None, stop):
+        def run(stop_fn: ref.StopFn | None = stop_fn) -> Solved:
+            return fast_solvers.solve(f, z0, method=method, tol=tol, max_iter=25, stop_fn=stop_fn, check_every=3)
+        (za, ia), (zb, ib) = _both_paths(monkeypatch, run)
+        rtol = tolerance(dtype)
+        assert (ia.iterations - ib.iterations).abs().max() <= 1
+        assert torch.equal(ia.converged, ib.converged)
+        assert_close_scaled(zb, za, rtol, "z*")
+        assert_close_scaled(ib.residual, ia.residual, rtol, "residual")
+        rows = min(ia.trace.shape[0], ib.trace.shape[0])
+        assert_close_scaled(ib.trace[:rows], ia.trace[:rows], rtol, "trace")
+        if stop_fn is not None:
+            assert not bool(ib.converged[1])
+
+
+@needs_interpreter
+def test_broyden_kernel_grows_its_low_rank_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    # U/V start with 2 rows and double (2 → 4 → 8 → …) while the solve runs; the result equals the torch path
+    monkeypatch.setattr(fast_solvers, "BROYDEN_START_ROWS", 2)
+    f = contractive_map("tanh", 2, 5, 0.9, 5)
+    z0 = make_tensor((2, 5), 6)
+    (za, ia), (zb, ib) = _both_paths(monkeypatch, lambda: fast_solvers.broyden(f, z0, tol=1e-12, max_iter=40))
+    assert int(ib.iterations.max()) > 9 and bool(ib.converged.all())
+    assert (ia.iterations - ib.iterations).abs().max() <= 1
+    assert_close_scaled(zb, za, tolerance(torch.float64), "z*")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("method", ref.SOLVERS)
+def test_kernel_path_stops_on_nan_naming_the_step(monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    monkeypatch.setattr(fast_solvers, "use_kernels", lambda z0: True)
+    with torch.no_grad(), pytest.raises(NonFiniteError, match=r"iteration 3: .* in 1 sample\(s\) \(first: sample 1\)"):
+        fast_solvers.solve(NaNAfter(3), torch.zeros(3, 4), method=method, tol=1e-12, max_iter=50, check_every=2)
+
+
+def test_kernels_are_used_only_without_autograd_on_cuda() -> None:
+    z = torch.zeros(2, 3)
+    assert not fast_solvers.use_kernels(z)  # CPU tensors: torch path (the interpreter is for tests)
+    if torch.cuda.is_available() and triton_available():
+        with torch.no_grad():
+            assert fast_solvers.use_kernels(z.cuda())
+        assert not fast_solvers.use_kernels(z.cuda())  # the unrolled backward solves under autograd
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+def test_deq_kernels_compile_for_h100_without_a_gpu() -> None:
+    script = ("from optimized.kernels.deq import compile_for_gpu\n"
+              "for dtype, n in (('fp32', 512), ('bf16', 2048)):\n"
+              "    assert all('cubin' in k.asm for k in compile_for_gpu(90, dtype, n=n))\n")
+    assert_compiles(script)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ref.SOLVERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_path_on_cuda_equals_the_torch_path(monkeypatch: pytest.MonkeyPatch, method: str,
+                                                   dtype: torch.dtype) -> None:
+    f64 = contractive_map("tanh", 64, 512, 0.9, 3, dtype=torch.float32)
+    z0 = make_tensor((64, 512), 4).to("cuda", dtype)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return f64(z.float().cpu()).to("cuda", dtype)
+
+    # bf16 iterates cannot reach a 1e-4 residual, and Broyden's secant pairs of bf16-rounded iterates are
+    # dominated by rounding, so the two paths' trajectories part after a few steps: in bf16 both must converge to
+    # a looser tol with a true residual (of the returned z, in fp32) within rounding of it; in fp32 the iteration
+    # counts agree within 1 and z* to fp32 tolerance
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    with torch.no_grad():
+        assert fast_solvers.use_kernels(z0)
+        zb, ib = fast_solvers.solve(f, z0, method=method, tol=tol, max_iter=40)
+    monkeypatch.setattr(fast_solvers, "use_kernels", lambda z0: False)
+    with torch.no_grad():
+        za, ia = fast_solvers.solve(f, z0, method=method, tol=tol, max_iter=40)
+    if dtype == torch.float32:
+        assert (ia.iterations - ib.iterations).abs().max() <= 1
+        assert_close_scaled(zb.cpu(), za.cpu(), tolerance(dtype), "z*")
+    else:
+        for z, info in ((za, ia), (zb, ib)):
+            assert bool(info.converged.all())
+            assert float(true_residual(f64, z.float().cpu()).max()) <= tol + 1e-2

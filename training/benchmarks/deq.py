@@ -6,19 +6,39 @@ Three tables in one op:
   ‖W‖₂ = ρ(W) = L), at L ∈ {0.5, 0.9, 0.99}; a summary row checks the issue's requirement that Anderson needs at
   most half the iterations of plain iteration at L = 0.9;
 - wall time per solve, reference vs optimized, at B=32, d=64 on CPU and B=256, d=512 on CUDA;
+- on CUDA the optimized solve runs its per-iteration bookkeeping in `optimized.kernels.deq` (one launch per
+  iteration instead of a few dozen); a row with `MEMARCH_DISABLE_KERNELS=deq` times the torch bookkeeping;
 - host synchronisation: the optimized solve with a sync every iteration, every 4, and none until the end, and the
   fraction of its wall time spent in blocking device→host reads (`aten::_local_scalar_dense` in the profiler).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
 import optimized.deq as opt
+import optimized.deq_solvers as fast_solvers
 import reference.deq as ref
 from training.benchmarks import BenchArgs, BenchRow, register, time_fn
+
+
+@contextmanager
+def disabled_kernels(name: str) -> Iterator[None]:
+    """`MEMARCH_DISABLE_KERNELS` extended by `name` inside the block."""
+    old = os.environ.get("MEMARCH_DISABLE_KERNELS")
+    os.environ["MEMARCH_DISABLE_KERNELS"] = ",".join(filter(None, [old, name]))
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["MEMARCH_DISABLE_KERNELS"]
+        else:
+            os.environ["MEMARCH_DISABLE_KERNELS"] = old
+
 
 Map = Callable[[torch.Tensor], torch.Tensor]
 TOL = 1e-5
@@ -97,8 +117,15 @@ def _timing_rows(args: BenchArgs, B: int, d: int) -> list[BenchRow]:
             frac_opt, frac_ref = sync_fraction(run_opt, device), sync_fraction(run_ref, device)
             rows.append(BenchRow("deq", "reference", params, ms_ref, method,
                                  note=f"host-sync {frac_ref:.0%} of time"))
-            rows.append(BenchRow("deq", "optimized", params, ms_opt, f"{method} check_every=4",
+            path = "triton bookkeeping" if fast_solvers.use_kernels(z0) else "torch"
+            rows.append(BenchRow("deq", "optimized", params, ms_opt, f"{method} check_every=4 {path}",
                                  note=f"{ms_ref / ms_opt:.1f}x faster than reference; host-sync {frac_opt:.0%}"))
+            if path != "torch":  # the same solve with the kernels switched off, for A/B
+                with disabled_kernels("deq"):
+                    ms_torch = time_fn(run_opt, device, repeat=args.repeat)
+                rows.append(BenchRow("deq", "optimized", params, ms_torch, f"{method} check_every=4 torch",
+                                     note=f"MEMARCH_DISABLE_KERNELS=deq: {ms_ref / ms_torch:.1f}x faster than "
+                                          f"reference; the kernels make the solve {ms_torch / ms_opt:.1f}x faster"))
             for every in (1, 0):
                 def run_every(method: str = method, every: int = every) -> object:
                     return run_opt(method, every)
