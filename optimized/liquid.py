@@ -8,6 +8,12 @@ inherent to the nonlinear recurrence; there are no per-feature loops, host syncs
 `torch.compile` captures it whole (the unrolled graph grows with L; compile the step, or the model at small L).
 Accumulates in fp32 under bf16/fp16 inputs. Tolerance vs the float64 reference: float64 1e-10, float32 1e-5
 relative per step (model tolerances over long L), bf16 5e-2.
+
+Dispatch (`liquid_dispatch` names the branch; `scripts/bench.py` reports it): on CUDA, for float32/bfloat16/float16
+inputs with hidden_dim ≤ 128 and Triton importable, the whole loop over time × unfolds runs in one Triton launch
+forward and one backward (`optimized.kernels.liquid`: same math, float32 state, exact float32 dots; under autocast
+the recurrent dots take autocast-dtype operands as `addmm` would); `MEMARCH_DISABLE_KERNELS=liquid` sends it to
+the torch loop above, which CPU tensors always take.
 """
 
 from __future__ import annotations
@@ -16,12 +22,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from optimized.kernels import kernel_available
 from reference.liquid import TAU_MIN
 from reference.liquid import LiquidCell as ReferenceLiquidCell
 
-__all__ = ["TAU_MIN", "LiquidCell", "ltc_unfolds"]
+__all__ = ["TAU_MIN", "LiquidCell", "liquid_dispatch", "ltc_unfolds"]
 
 _HALF = (torch.float16, torch.bfloat16)
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_MAX_HIDDEN = 128  # as optimized.kernels.liquid (not imported here: Triton is optional)
+
+
+def liquid_dispatch(x: Tensor, hidden_dim: int) -> str:
+    """The branch `LiquidCell.forward` takes for inputs like `x` (B, L, input_dim): "triton" (CUDA, Triton importable,
+    float32/float16/bfloat16, hidden_dim ≤ 128, L ≥ 1) or "torch" (the loop over time × unfolds)."""
+    if (kernel_available(x, "liquid") and x.dtype in _KERNEL_DTYPES and hidden_dim <= KERNEL_MAX_HIDDEN
+            and x.shape[1] > 0):
+        return "triton"
+    return "torch"
 
 
 def ltc_unfolds(u_t: Tensor, h: Tensor, w_rec_t: Tensor, dt_a: Tensor, denom0: Tensor, delta: float,
@@ -50,6 +68,12 @@ class LiquidCell(ReferenceLiquidCell):
         dt_a = delta * self.A.to(work)  # (H,)
         denom0 = 1 + delta / tau  # (H,)
         w_rec_t = self.w_rec.weight.to(work).t()  # (H, H)
+        if liquid_dispatch(x, self.hidden_dim) == "triton":
+            from optimized.kernels.liquid import liquid_triton_autograd
+
+            out = liquid_triton_autograd(u, None if h0 is None else h0.to(work), w_rec_t, dt_a, denom0, delta,
+                                         self.ode_unfolds)  # (B, L, H) float32
+            return out.to(out_dtype), out[:, -1].to(out_dtype)
         h = x.new_zeros(B, self.hidden_dim, dtype=work) if h0 is None else h0.to(work)
         states: list[Tensor] = []
         for u_t in u.unbind(1):  # one unbind, not L selects (whose backward zero-fills (B, L, H) per step)

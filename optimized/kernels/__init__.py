@@ -21,7 +21,7 @@ def triton_interpreting() -> bool:
 
 
 def kernels_disabled() -> set[str]:
-    """Kernel names switched off by `MEMARCH_DISABLE_KERNELS` (comma-separated, e.g. "omega,titans"; "all")."""
+    """Kernel names switched off by `MEMARCH_DISABLE_KERNELS` (comma-separated, e.g. "omega,titans,liquid"; "all")."""
     return {name.strip() for name in os.environ.get("MEMARCH_DISABLE_KERNELS", "").split(",") if name.strip()}
 
 
