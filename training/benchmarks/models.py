@@ -49,13 +49,18 @@ def model_config(name: str, overrides: dict[str, Any] | None = None) -> Any:
     return cls(**data)
 
 
+REFERENCE_WARMUP_LEN = 128  # the reference models' warm-up step length (see `time_training_step`)
+
+
 def time_training_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torch.device,
-                       amp: bool, compiled: bool, warmup: int, repeat: int) -> float:
-    """Median ms of one forward + backward + AdamW step of `model` on (x, y)."""
+                       amp: bool, compiled: bool, warmup: int, repeat: int, warmup_len: int | None = None) -> float:
+    """Median ms of one forward + backward + AdamW step of `model` on (x, y). With `warmup_len`, the warm-up steps
+    run on the first `warmup_len` positions only (they load the kernels and the allocator's pools; the reference
+    models' full-length steps take minutes, and a second one would only repeat the timed one)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     fwd = torch.compile(model) if compiled else model
 
-    def step() -> None:
+    def step(x: torch.Tensor = x, y: torch.Tensor = y) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits, aux, _ = split_output(fwd(x))
             loss, _ = loss_and_accuracy(logits, y)
@@ -65,6 +70,10 @@ def time_training_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
         loss.backward()
         opt.step()
 
+    if warmup_len is not None and warmup_len < x.shape[1]:
+        for _ in range(warmup):
+            step(x[:, :warmup_len], y[:, :warmup_len])
+        warmup = 0
     return time_fn(step, device, warmup=warmup, repeat=repeat)
 
 
@@ -73,7 +82,7 @@ def bench_model(name: str, args: BenchArgs, *, seq_lens: Sequence[int], batch_si
                 autocast: Sequence[bool] = (False, True)) -> list[BenchRow]:
     """Rows for the optimized model at every L in `seq_lens` (eager and compiled, fp32 and bf16 autocast on CUDA)
     and for the reference model at `ref_seq_lens` (eager fp32: its Python time loop makes every step slow, so it
-    is timed once after one warm-up step). A row that runs out of memory is reported as such, not raised."""
+    is timed once after one warm-up step at L = 128). A row that runs out of memory is reported as such, not raised."""
     device = args.device
     cfg = model_config(name, args.extra.get("model_overrides"))
     rows: list[BenchRow] = []
@@ -95,7 +104,8 @@ def bench_model(name: str, args: BenchArgs, *, seq_lens: Sequence[int], batch_si
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             ms = time_training_step(model, x, y, device=device, amp=amp, compiled=compiled,
-                                    warmup=1 if reference else 2, repeat=1 if reference else args.repeat)
+                                    warmup=1 if reference else 2, repeat=1 if reference else args.repeat,
+                                    warmup_len=REFERENCE_WARMUP_LEN if reference else None)
         except torch.OutOfMemoryError:
             rows.append(BenchRow(op=f"model:{name}", impl=impl, params=params, ms=float("nan"), dispatch=dispatch,
                                  note="out of memory"))
