@@ -96,6 +96,7 @@ class _DeviceTracker:
         self.kernels = kernels
         if kernels:
             self.trace_buf = torch.empty(max_iter + 1, batch, dtype=wt, device=z0.device)
+            self.counts = torch.zeros(max_iter + 1, 2, dtype=torch.int32, device=z0.device)  # see should_stop
             # [tol, residual eps, machine eps] in the work dtype (read by the kernels, no host scalars)
             self.consts = torch.tensor([tol, RESIDUAL_EPS, torch.finfo(wt).eps], dtype=wt, device=z0.device)
 
@@ -107,7 +108,7 @@ class _DeviceTracker:
 
             extra = call_stop(self.stop_fn, z, fz, self.fn)
             observe(z, fz, self.best_z, self.best_r, self.converged, self.iterations, self.first_bad, self.active,
-                    self.trace_buf[step], self.consts, step, extra=extra, z_next=z_next)
+                    self.trace_buf, self.counts, self.consts, step, extra=extra, z_next=z_next)
             return self.active
         active = ~self.converged & (self.first_bad < 0)
         finite = torch.isfinite(z.flatten(1)).all(1) & torch.isfinite(fz.flatten(1)).all(1)
@@ -131,6 +132,9 @@ class _DeviceTracker:
         """Every `check_every` steps: one host sync asking whether all samples stopped or one went non-finite."""
         if self.check_every <= 0 or (step + 1) % self.check_every != 0:
             return False
+        if self.kernels:  # the kernel counted [still iterating, ever non-finite] at this step
+            n_active, n_bad = self.counts[step].tolist()
+            return n_active == 0 or n_bad > 0
         flags = torch.stack([self.active.any(), (self.first_bad >= 0).any()]).tolist()
         return (not flags[0]) or bool(flags[1])
 
@@ -179,10 +183,11 @@ def fixed_point_iteration(f: Map, z0: Tensor, *, tol: float = 1e-4, max_iter: in
     kernels = use_kernels(z0)
     tracker = _DeviceTracker(z0, tol, stop_fn, fn, check_every, max_iter, kernels)
     z = z0  # (B, *S)
+    buffers = [torch.empty(z0.shape, dtype=z0.dtype, device=z0.device) for _ in range(2)] if kernels else []
     for k in range(max_iter + 1):
         fz = call_map(f, z, k, fn)
-        if kernels:  # one launch: bookkeeping and the update
-            z_next = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+        if kernels:  # one launch: bookkeeping and the update, into the buffer z is not in
+            z_next = buffers[k % 2]
             tracker.observe(k, z, fz, z_next=z_next)
             if k == max_iter or tracker.should_stop(k):
                 break

@@ -350,6 +350,26 @@ def test_kernel_bookkeeping_equals_the_torch_path(monkeypatch: pytest.MonkeyPatc
 
 
 @needs_interpreter
+@pytest.mark.parametrize("method", ref.SOLVERS)
+def test_kernel_path_leaves_the_loop_when_the_torch_path_does(monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    # the kernel counts the samples still iterating and the ones ever non-finite; the host's check every
+    # `check_every` iterations reads those counts: both paths must call f equally often
+    f2 = contractive_map("tanh", 3, 6, 0.5, 21)
+    calls: list[int] = []
+
+    def counted(z: torch.Tensor) -> torch.Tensor:
+        calls[-1] += 1
+        return f2(z)
+
+    def run() -> Solved:
+        calls.append(0)
+        return fast_solvers.solve(counted, make_tensor((3, 6), 22), method=method, tol=1e-6, max_iter=200,
+                                  check_every=2)
+    (_, ia), (_, ib) = _both_paths(monkeypatch, run)
+    assert bool(ia.converged.all()) and bool(ib.converged.all()) and calls[0] == calls[1] < 60
+
+
+@needs_interpreter
 def test_broyden_kernel_grows_its_low_rank_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
     # U/V start with 2 rows and double (2 → 4 → 8 → …) while the solve runs; the result equals the torch path
     monkeypatch.setattr(fast_solvers, "BROYDEN_START_ROWS", 2)

@@ -16,6 +16,9 @@ per sample (row), so an iteration costs f's own kernels plus one or two launches
     best_z ← z, best_r ← r where take;   iterations ← step where active;   converged ← converged ∨ now
     active ← active ∧ ¬now;   optionally z_next = f(z) where active else z (plain iteration's update)
 
+and counts, with atomic adds into row `step` of an int32 (max_iter + 1, 2) table, the samples still iterating
+and the samples ever non-finite, so the host's every-`check_every` question "stop?" is one read of two integers.
+
 `_broyden_step` is one step of `optimized.deq_solvers.broyden` for one row with the inverse-Jacobian estimate
 H = −I + Σ_{i<j} u_i v_iᵀ stored as the first j rows of U, V (B, M, N), s = z − z_prev, y = g − g_prev,
 g = f(z) − z:
@@ -53,7 +56,7 @@ _OBSERVE_BLOCK = 1024
 
 @_jit
 def _observe(z_ptr, fz_ptr, best_z_ptr, best_r_ptr, conv_ptr, iters_ptr, bad_ptr, active_ptr, trace_ptr,  # type: ignore[no-untyped-def]
-             extra_ptr, next_ptr, consts_ptr, n, step,
+             counts_ptr, extra_ptr, next_ptr, consts_ptr, n, batch, step,
              HAS_EXTRA: tl.constexpr, WRITE_NEXT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * n
@@ -78,9 +81,10 @@ def _observe(z_ptr, fz_ptr, best_z_ptr, best_r_ptr, conv_ptr, iters_ptr, bad_ptr
     conv = tl.load(conv_ptr + row) != 0
     first_bad = tl.load(bad_ptr + row)
     active = (~conv) & (first_bad < 0)
-    tl.store(bad_ptr + row, tl.where(active & nonfinite, step, first_bad).to(first_bad.dtype))
+    first_bad = tl.where(active & nonfinite, step, first_bad).to(first_bad.dtype)
+    tl.store(bad_ptr + row, first_bad)
     active = active & (~nonfinite)
-    tl.store(trace_ptr + row, r)
+    tl.store(trace_ptr + step * batch + row, r)
     now = active & (r <= tol)
     if HAS_EXTRA:
         now = now & (tl.load(extra_ptr + row) != 0)
@@ -92,6 +96,9 @@ def _observe(z_ptr, fz_ptr, best_z_ptr, best_r_ptr, conv_ptr, iters_ptr, bad_ptr
     tl.store(conv_ptr + row, conv | now)
     still = active & (~now)
     tl.store(active_ptr + row, still)
+    # the host's early-exit question, answered on the device: samples still iterating, samples ever non-finite
+    tl.atomic_add(counts_ptr + 2 * step, still.to(tl.int32))
+    tl.atomic_add(counts_ptr + 2 * step + 1, (first_bad >= 0).to(tl.int32))
     if take:
         for start in range(0, n, BLOCK):
             idx = start + offs
@@ -147,21 +154,22 @@ def _broyden_step(z_ptr, fz_ptr, zprev_ptr, gprev_ptr, U_ptr, V_ptr, active_ptr,
 
 
 def _rows(x: Tensor) -> Tensor:
-    return x.reshape(x.shape[0], -1).contiguous()
+    return x if x.ndim == 2 and x.is_contiguous() else x.reshape(x.shape[0], -1).contiguous()
 
 
 def observe(z: Tensor, fz: Tensor, best_z: Tensor, best_r: Tensor, converged: Tensor, iterations: Tensor,
-            first_bad: Tensor, active: Tensor, trace_row: Tensor, consts: Tensor, step: int,
+            first_bad: Tensor, active: Tensor, trace: Tensor, counts: Tensor, consts: Tensor, step: int,
             extra: Tensor | None = None, z_next: Tensor | None = None) -> None:
-    """One `_observe` launch over the batch. State tensors ((B,) and (B, N) `best_z`) are updated in place;
-    `consts` = [tol, eps] in the work dtype; `z_next` (same shape as z), when given, receives plain iteration's
-    update."""
+    """One `_observe` launch over the batch. State tensors ((B,) and (B, N) `best_z`) are updated in place; the
+    relative residuals go to row `step` of `trace` (max_iter + 1, B); row `step` of `counts` (max_iter + 1, 2),
+    int32 zeros beforehand, receives [samples still iterating, samples ever non-finite]; `consts` = [tol, eps] in
+    the work dtype; `z_next` (same shape as z), when given, receives plain iteration's update."""
     zr, fr = _rows(z), _rows(fz)
     batch, n = zr.shape
     block = min(_OBSERVE_BLOCK, triton.next_power_of_2(max(n, 16)))
-    _observe[(batch,)](zr, fr, best_z, best_r, converged, iterations, first_bad, active, trace_row,
+    _observe[(batch,)](zr, fr, best_z, best_r, converged, iterations, first_bad, active, trace, counts,
                        extra if extra is not None else active, z_next if z_next is not None else zr, consts, n,
-                       step, HAS_EXTRA=extra is not None, WRITE_NEXT=z_next is not None, BLOCK=block,
+                       batch, step, HAS_EXTRA=extra is not None, WRITE_NEXT=z_next is not None, BLOCK=block,
                        num_warps=4)
 
 
@@ -189,6 +197,7 @@ def compile_for_gpu(capability: int = 90, dtype: str = "fp32", *, n: int = 512) 
     io = {"z_ptr", "fz_ptr", "best_z_ptr", "next_ptr"}
     flags = {"conv_ptr", "active_ptr", "extra_ptr"}
     ints = {"iters_ptr", "bad_ptr"}
+    int32s = {"counts_ptr"}
 
     def pointer(name: str) -> str:
         if name in io:
@@ -197,6 +206,8 @@ def compile_for_gpu(capability: int = 90, dtype: str = "fp32", *, n: int = 512) 
             return "*i1"
         if name in ints:
             return "*i64"
+        if name in int32s:
+            return "*i32"
         return "*fp32"
 
     out = []
