@@ -11,7 +11,8 @@ implementations of that form, chosen by `omega_dispatch` (reported by `scripts/b
   `optimized.kernels.omega`, flash-attention style — one program per (query block, batch·head) walks only the
   key blocks inside the window, Gram scores, weights, the weighted key sum and the denominator stay in
   registers; the persistent term is added in the kernel. Memory O(B·H·L·Dh), time O(B·H·L·(c + C)·Dh).
-  Gradients recompute the torch form below and differentiate it.
+  Gradients: Triton kernels too (a dq pass through the forward kernel, a dk/dgate kernel per key block; see
+  `optimized.kernels.omega`).
 * "torch-blocked-gram" (CPU, float64, larger heads): `omega_blocked`. The sequence is cut into blocks of C
   positions (default 64); query block j meets key block j − m for the m = 0 … ⌈(c − 1)/C⌉ block offsets inside
   the window, each one batched matmul (B, H, L/C, C, C). Memory grows as O(B·H·L·C) per offset and time as
@@ -115,7 +116,7 @@ def omega_blocked(q: Tensor, k: Tensor, gate: Tensor, window: int, decay_base: f
                   M_persistent: Tensor | None = None, norm_persistent: Tensor | None = None, eps: float = 1e-6,
                   block: int = DEFAULT_BLOCK) -> Tensor:
     """The torch blocked banded Gram form (module docstring) on validated inputs; differentiable by autograd
-    (the Triton path's backward recomputes through it)."""
+    (the Triton path's backward could recompute through it: `optimized.kernels.omega.USE_KERNEL_BACKWARD`)."""
     B, H, length, Dh = q.shape
     if length == 0:
         return q.new_zeros(q.shape)

@@ -3,6 +3,8 @@ norm bound, closed forms, bad input; the Triton kernel in the interpreter, compi
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from hypothesis import given
@@ -259,13 +261,73 @@ def test_triton_autograd_gradients_match_reference(persistent: str) -> None:
                       (q, k, gate, M, n), dtype=torch.float32)
 
 
+# (L, Dh, window, dq_blocks, dk_blocks, decay, persistent): the backward kernels' tiles passed explicitly so that
+# small L still has interior blocks (dq: window ≥ block_m + block_n; dk: window ≥ block_m + 2·block_n), window below
+# the blocks, window 1, window beyond L, Dh padded (5 -> 16), L not a multiple of any block, decay 1 and tiny
+BACKWARD_CASES = [(37, 4, 5, (16, 16), (16, 16), 0.9, "shared"), (70, 8, 50, (16, 16), (16, 16), 0.9, "batched"),
+                  (45, 5, 20, (16, 16), (16, 16), 1.0, "none"), (69, 16, 100, (32, 16), (32, 16), 0.97, "shared"),
+                  (50, 4, 1, (16, 16), (16, 16), 0.3, "none"), (61, 8, 49, (32, 16), (16, 16), 1e-3, "batched")]
+
+
+@needs_interpreter
+@pytest.mark.parametrize(("L", "Dh", "window", "dq_blocks", "dk_blocks", "decay", "persistent"), BACKWARD_CASES)
+def test_triton_backward_kernels_match_reference_gradients(L: int, Dh: int, window: int, dq_blocks: tuple[int, int],
+                                                           dk_blocks: tuple[int, int], decay: float, persistent: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import optimized.kernels.omega as kernel
+
+    assert kernel.USE_KERNEL_BACKWARD
+    monkeypatch.setattr(kernel, "omega_triton_backward",
+                        partial(kernel.omega_triton_backward, dq_blocks=dq_blocks, dk_blocks=dk_blocks))
+    q = make_tensor((2, L, 2, Dh), L).transpose(1, 2)  # (B, H, L, Dh) through strides
+    _, k, gate, _ = _inputs(2, 2, L, Dh, 0, L + 1)
+    M, n = _persistent(persistent, 2, 2, Dh, L + 2)
+    assert_equivalent(lambda q, k, g, M, n: ref.omega_memory(q, k, g, window, decay, M_persistent=M,
+                                                             norm_persistent=n),
+                      lambda q, k, g, M, n: kernel.omega_triton_autograd(q, k, g, window, decay, M, n),
+                      (q, k, gate, M, n), dtype=torch.float32)
+
+
+@needs_interpreter
+def test_triton_backward_kernels_take_half_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # float16 with tensor-core-style rounding of dnum and the weighted scores (bf16 is checked on CUDA only)
+    import optimized.kernels.omega as kernel
+
+    monkeypatch.setattr(kernel, "omega_triton_backward",
+                        partial(kernel.omega_triton_backward, dq_blocks=(16, 16), dk_blocks=(16, 16)))
+    q, k, gate, k_p = _inputs(1, 2, 70, 8, 3, 3)
+    M, n = ref.persistent_memory(k_p)
+    assert_equivalent(lambda q, k, g, M, n: ref.omega_memory(q, k, g, 50, 0.95, M_persistent=M, norm_persistent=n),
+                      lambda q, k, g, M, n: kernel.omega_triton_autograd(q, k, g, 50, 0.95, M, n),
+                      (q, k, gate, M, n), dtype=torch.float16)
+
+
+@needs_interpreter
+def test_triton_recompute_backward_still_matches_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`USE_KERNEL_BACKWARD = False` (the A/B path) differentiates the torch blocked form instead."""
+    import optimized.kernels.omega as kernel
+
+    monkeypatch.setattr(kernel, "USE_KERNEL_BACKWARD", False)
+    monkeypatch.setattr(kernel, "omega_triton_backward", None)  # must not be reached
+    q, k, gate, _ = _inputs(1, 2, 30, 4, 0, 9)
+    M, n = _persistent("batched", 1, 2, 4, 10)
+    assert_equivalent(lambda q, k, g, M, n: ref.omega_memory(q, k, g, 20, 0.9, M_persistent=M, norm_persistent=n),
+                      lambda q, k, g, M, n: kernel.omega_triton_autograd(q, k, g, 20, 0.9, M, n),
+                      (q, k, gate, M, n), dtype=torch.float32)
+
+
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
 def test_triton_kernel_compiles_for_h100_without_a_gpu() -> None:
     # the interpreter runs the kernel's Python, not Triton's compiler: compile it for sm_90 in a process without
-    # TRITON_INTERPRET, in the default GPU tiles, with and without the persistent term, bf16 and fp32
+    # TRITON_INTERPRET, in the default GPU tiles, with and without the persistent term, bf16 and fp32; the forward,
+    # the backward's dq launch of it (M_pᵀ, no division) and the dk/dgate kernel
     script = ("from optimized.kernels.omega import compile_for_gpu\n"
-              "for dtype, persistent, bm, bn in (('bf16', True, 128, 64), ('fp32', False, 64, 32)):\n"
-              "    assert 'cubin' in compile_for_gpu(90, dtype, persistent=persistent, block_m=bm, block_n=bn).asm\n")
+              "for kernel, dtype, persistent, bm, bn in (('forward', 'bf16', True, 128, 64),\n"
+              "        ('forward', 'fp32', False, 64, 32), ('dq', 'bf16', True, 128, 64),\n"
+              "        ('dk', 'bf16', False, 128, 32), ('dk', 'fp32', False, 64, 32)):\n"
+              "    compiled = compile_for_gpu(90, dtype, persistent=persistent, block_m=bm, block_n=bn,\n"
+              "                               kernel=kernel)\n"
+              "    assert 'cubin' in compiled.asm\n")
     assert_compiles(script)
 
 
@@ -283,6 +345,24 @@ def test_optimized_matches_reference_on_cuda(dtype: torch.dtype) -> None:
         return opt.omega_memory(q, k, gate, 100, 0.95, M_persistent=M, norm_persistent=n)
 
     assert_equivalent(reference, optimized, (q, k, gate, k_p), dtype=dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("persistent", ["none", "shared", "batched"])
+def test_cuda_backward_kernels_match_reference_gradients_with_interior_blocks(dtype: torch.dtype,
+                                                                               persistent: str) -> None:
+    """The backward kernels in their default GPU tiles (dq 128 × 64, dk 128 keys × 32 queries under bf16): window
+    300 gives interior, diagonal and window-end blocks on both sides; L odd; gradients of q, k, gate, M_p, n_p."""
+    import optimized.kernels.omega as kernel
+
+    assert kernel.USE_KERNEL_BACKWARD
+    q = make_tensor((2, 517, 2, 64), 6).transpose(1, 2)  # (B, H, L, Dh) through strides
+    _, k, gate, _ = _inputs(2, 2, 517, 64, 0, 7)
+    M, n = _persistent(persistent, 2, 2, 64, 8)
+    assert_equivalent(lambda q, k, g, M, n: ref.omega_memory(q, k, g, 300, 0.97, M_persistent=M, norm_persistent=n),
+                      lambda q, k, g, M, n: kernel.omega_triton_autograd(q, k, g, 300, 0.97, M, n),
+                      (q, k, gate, M, n), dtype=dtype, device="cuda")
 
 
 @pytest.mark.gpu
