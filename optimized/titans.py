@@ -18,7 +18,8 @@ chunk-to-chunk state passing is sequential; `titans_dispatch` names the branch t
   `optimized/kernels/titans.py`, one program per (batch·head, block of value columns) holding its columns of
   M and S in registers over a loop over chunks, writing y as it goes; the state-independent part of
   y = (diag(m) Q − 2 (W ⊙ QKᵀ) K) M₀ + diag(s) Q S₀ + 2 (W ⊙ QKᵀ) V is precomputed in batched matmuls.
-  Gradients recompute the torch form below and differentiate it.
+  Gradients: a Triton kernel walks the chunks in reverse (`optimized.kernels.titans`); the batched parts through
+  torch autograd.
 - ``torch-chunked`` (CPU, float64, anything else): `torch_chunked`, a Python loop over chunks (two small
   matmuls each, never a loop over tokens); outputs are then formed for all chunks at once.
 

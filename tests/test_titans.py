@@ -270,13 +270,42 @@ def test_triton_kernel_takes_half_inputs_with_float32_state() -> None:
     assert_equivalent(reference_fn(8, 0.1), kernel_fn(8, 0.1), inputs, dtype=torch.float16, model=True, grad=False)
 
 
+# the backward kernel's cases: KERNEL_CASES plus two value blocks (d_k = 64: 64 value columns a program), the second
+# one partly masked, with C dividing L and not
+BACKWARD_CASES = [*KERNEL_CASES, (40, 16, 64, 80, 0.1, True), (19, 8, 64, 40, 0.1, False)]
+
+
 @needs_interpreter
-@pytest.mark.parametrize(("L", "with_state"), [(20, True), (16, False)])
-def test_triton_autograd_wrapper_gradients_match_reference(L: int, with_state: bool) -> None:
-    inputs = memory_inputs(7, 1, 2, L, 16, 16)
-    assert_equivalent(reference_fn(8, 0.25, with_state=with_state),
-                      kernel_fn(8, 0.25, with_state=with_state, autograd=True), inputs, dtype=torch.float32,
+@pytest.mark.parametrize(("L", "C", "dk", "dv", "lam", "with_state"), BACKWARD_CASES)
+def test_triton_backward_kernel_gradients_match_reference(L: int, C: int, dk: int, dv: int, lam: float,
+                                                          with_state: bool) -> None:
+    inputs = memory_inputs(L + C, 1, 2, L, dk, dv)
+    assert_equivalent(reference_fn(C, lam, with_state=with_state),
+                      kernel_fn(C, lam, with_state=with_state, autograd=True), inputs, dtype=torch.float32)
+
+
+@needs_interpreter
+def test_triton_backward_kernel_takes_half_inputs() -> None:
+    inputs = memory_inputs(3, 1, 2, 24, 16, 16)
+    assert_equivalent(reference_fn(8, 0.1), kernel_fn(8, 0.1, autograd=True), inputs, dtype=torch.float16,
                       model=True)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("wanted", [(2,), (6, 7), (0, 4)], ids=["v", "initial-state", "q-eta"])
+def test_triton_backward_kernel_with_some_inputs_not_requiring_grad(wanted: tuple[int, ...]) -> None:
+    """Only the inputs that require grad get gradients, and they equal the reference's."""
+    inputs = [t.float() for t in memory_inputs(5, 1, 2, 21, 16, 16)]
+    ref_in = [t.double().requires_grad_(i in wanted) for i, t in enumerate(inputs)]
+    opt_in = [t.clone().requires_grad_(i in wanted) for i, t in enumerate(inputs)]
+    cotangents = [torch.randn(t.shape, generator=torch.Generator().manual_seed(i), dtype=F64)
+                  for i, t in enumerate(reference_fn(8, 0.1)(*ref_in))]
+    for fn, args in ((reference_fn(8, 0.1), ref_in), (kernel_fn(8, 0.1, autograd=True), opt_in)):
+        sum((out.double() * c).sum() for out, c in zip(fn(*args), cotangents, strict=True)).backward()
+    for i, (r, o) in enumerate(zip(ref_in, opt_in, strict=True)):
+        assert (o.grad is not None) == (i in wanted)
+        if r.grad is not None and o.grad is not None:
+            assert_close_scaled(o.grad, r.grad, tolerance(torch.float32), f"grad of input[{i}]")
 
 
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
@@ -285,7 +314,8 @@ def test_triton_kernel_compiles_for_h100_without_a_gpu() -> None:
     # without TRITON_INTERPRET (which changes how Triton builds kernels), at the benchmark's sizes and a small one
     script = ("from optimized.kernels.titans import compile_for_gpu\n"
               "for dtype, chunk, d_k in (('bf16', 64, 128), ('fp32', 4, 16)):\n"
-              "    assert 'cubin' in compile_for_gpu(90, dtype, chunk=chunk, d_k=d_k).asm\n")
+              "    for backward in (False, True):\n"
+              "        assert 'cubin' in compile_for_gpu(90, dtype, chunk=chunk, d_k=d_k, backward=backward).asm\n")
     assert_compiles(script)
 
 
@@ -304,6 +334,31 @@ def test_cuda_triton_kernel_matches_float64_reference(dtype: torch.dtype, L: int
 
     assert_equivalent(reference_fn(C, 0.01, with_state=with_state), opt_fn, inputs, dtype=dtype, model=True,
                       device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("L", "with_state"), [(512, True), (300, False)])
+def test_cuda_triton_backward_kernel_matches_the_torch_chunked_gradients(dtype: torch.dtype, L: int,
+                                                                          with_state: bool) -> None:
+    """The backward kernel against differentiating the torch form, same inputs and dtype, at the benchmark's
+    d_k = d_v = 128 and chunk 64 (two value blocks of 32 … four programs per head)."""
+    from optimized.kernels.titans import titans_memory_triton_autograd
+
+    inputs = [t.to("cuda", dtype) for t in memory_inputs(4, 2, 2, L, 128, 128)]
+    cotangents = None
+    grads = []
+    for fn in (opt.torch_chunked, titans_memory_triton_autograd):
+        leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+        start = (leaves[6], leaves[7]) if with_state else None
+        outputs = fn(*leaves[:6], chunk_size=64, global_decay=0.01, initial_state=start)
+        if cotangents is None:
+            g = torch.Generator(device="cuda").manual_seed(0)
+            cotangents = [torch.randn(o.shape, generator=g, device="cuda", dtype=o.dtype) for o in outputs]
+        torch.autograd.backward(outputs, cotangents)
+        grads.append([t.grad for t in leaves[:8 if with_state else 6]])
+    for i, (expected, actual) in enumerate(zip(*grads, strict=True)):
+        assert_close_scaled(actual, expected, tolerance(dtype, model=True), f"grad of input[{i}] ({dtype})")
 
 
 @pytest.mark.gpu

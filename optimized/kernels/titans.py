@@ -13,9 +13,11 @@ column block of (M, S) evolves on its own: one program per (batch·head, block o
 M[:, vblk] and S[:, vblk] (d_k × BLOCK_V, float32) in registers and walks the chunks sequentially; per chunk
 it loads K_n, P_n, Z_n (C × d_k), V_n[:, vblk], y_c[:, vblk] and the coefficient rows, makes five `tl.dot`s
 (P M, Z S, K M, Kᵀ(−2 W_C ⊙ R), Kᵀ(−2 u ⊙ R), the scalar terms folded into their accumulators) and writes
-y_n[:, vblk]; no per-chunk state is stored. C, d_k and BLOCK_V are padded to powers of two ≥ 16 (tl.dot's
-smallest tile) with masked loads: zero rows and columns add nothing. A length that C does not divide ends
-with one shorter chunk, run by the torch form (`optimized.titans.torch_chunked`) from the kernel's final state.
+y_n[:, vblk]; when gradients are wanted it also stores each chunk's start state (M₀, S₀) (N × d_k × d_v float32
+each per (b, h): 16 MiB for both at L = 8192, C = 64, d_k = d_v = 128). C, d_k and BLOCK_V are padded to
+powers of two ≥ 16 (tl.dot's smallest tile) with masked loads: zero rows and columns add nothing. A length that
+C does not divide ends with one shorter chunk, run by the torch form (`optimized.titans.torch_chunked`) from the
+kernel's final state.
 
 Precision: the state and every accumulation are float32. float32 inputs: exact float32 dots
 (`input_precision="ieee"`: no TF32, slow on the GPU, correct). bfloat16/float16 inputs, and any inputs under
@@ -24,10 +26,27 @@ dtype (M, S and R rounded to it per product) with float32 accumulation on the te
 the float64 reference: float32 1e-5 on short sequences (model tolerance 1e-4 over long scans), bfloat16 5e-2
 (model tolerance).
 
-Gradients (`titans_memory_triton_autograd`): the backward recomputes the forward with the torch chunked form
-(`optimized.titans.torch_chunked`) under the forward's autocast state and differentiates that: correct, not fast.
-Under `TRITON_INTERPRET=1` the kernel runs on CPU tensors (tests call `titans_memory_triton` directly);
-`compile_for_gpu` compiles it for sm_90 without a GPU.
+Backward (`titans_memory_triton_autograd`; verified against float64 autograd of these equations). With
+w = −2 W_C·, u' = −2 u, the scalars (m_C, s_C, E_C, λΣu) and dM, dS the gradients of the chunk's end state,
+`_titans_bwd` walks the chunks in reverse, one program per (batch·head, value block) carrying dM, dS
+(d_k × BLOCK_V, float32) and reading the stored start states (M₀, S₀):
+
+    dR = w ⊙ (K dM) + u' ⊙ (K dS)            dV = −dR           dy_c = dy
+    dP = dy M₀ᵀ    dZ = dy S₀ᵀ    dK = dR M₀ᵀ + (w ⊙ R) dMᵀ + (u' ⊙ R) dSᵀ
+    dw_i = Σ_v R_iv (K dM)_iv    du'_i = Σ_v R_iv (K dS)_iv
+    d(m_C, s_C, E_C, λΣu) = (⟨dM, M₀⟩, ⟨dM, S₀⟩, ⟨dS, S₀⟩, −⟨dS, M₀⟩)
+    dM₀ = Pᵀ dy + m_C dM − λΣu dS + Kᵀ dR,     dS₀ = Zᵀ dy + s_C dM + E_C dS
+
+(eleven dots a chunk). Sums over value columns (dK, dP, dZ, the coefficient gradients) are written per value
+block and added in torch (deterministic, no atomics). Torch autograd carries dP, dZ, dy_c, dK, dV and the
+coefficient gradients back to q, k, v and the gates through the state-independent part, recomputed under grad
+(`_kernel_operands`, the same code the forward ran, under the forward's autocast state), and a last, shorter
+chunk is differentiated in the torch form, which hands the kernel the gradient of its final state. Dot operands
+follow the forward (the input dtype; dM, dS, dy rounded to it per product), accumulation is float32; the same
+tolerances hold for the gradients.
+
+Under `TRITON_INTERPRET=1` the kernel runs on CPU tensors (tests call `titans_memory_triton` and
+`titans_memory_triton_autograd` directly); `compile_for_gpu` compiles either kernel for sm_90 without a GPU.
 """
 
 from __future__ import annotations
@@ -47,9 +66,9 @@ _jit: Callable[[Callable[..., Any]], Any] = triton.jit  # typed alias: Triton's 
 
 @_jit
 def _titans_fwd(k_ptr, v_ptr, P_ptr, Z_ptr, yc_ptr, vec_ptr, scal_ptr, M0_ptr, S0_ptr, y_ptr, M_ptr, S_ptr,  # type: ignore[no-untyped-def]
-                n_chunks, chunk, d_k, d_v, heads, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d,
-                HAS_STATE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-                BLOCK_V: tl.constexpr):
+                Ms_ptr, Ss_ptr, n_chunks, chunk, d_k, d_v, heads, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d,
+                HAS_STATE: tl.constexpr, STORE_STATES: tl.constexpr, PRECISION: tl.constexpr, BLOCK_C: tl.constexpr,
+                BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     b = bh // heads
     h = bh % heads
@@ -87,6 +106,10 @@ def _titans_fwd(k_ptr, v_ptr, P_ptr, Z_ptr, yc_ptr, vec_ptr, scal_ptr, M0_ptr, S
         s_last = tl.load(scal_ptr + row * 4 + 1)
         e_last = tl.load(scal_ptr + row * 4 + 2)
         lam_u = tl.load(scal_ptr + row * 4 + 3)
+        if STORE_STATES:  # the chunk's start state, for the backward: (B·H, N, d_k, d_v) float32
+            start_offs = row * d_k * d_v + offs_k[:, None] * d_v + offs_v[None, :]
+            tl.store(Ms_ptr + start_offs, M, mask=mask_kv)
+            tl.store(Ss_ptr + start_offs, S, mask=mask_kv)
         M_d = M.to(K.dtype)  # dot operands in the input dtype (a no-op for float32)
         S_d = S.to(K.dtype)
         y = tl.dot(P, M_d, acc=y, input_precision=PRECISION)  # y = P M₀ + Z S₀ + y_c
@@ -102,6 +125,89 @@ def _titans_fwd(k_ptr, v_ptr, P_ptr, Z_ptr, yc_ptr, vec_ptr, scal_ptr, M0_ptr, S
     tl.store(S_ptr + state_offs, S, mask=mask_kv)
 
 
+@_jit
+def _titans_bwd(k_ptr, v_ptr, P_ptr, Z_ptr, vec_ptr, scal_ptr, Ms_ptr, Ss_ptr, dy_ptr, dMf_ptr, dSf_ptr,  # type: ignore[no-untyped-def]
+                dk_ptr, dv_ptr, dP_ptr, dZ_ptr, dvec_ptr, dscal_ptr, dM0_ptr, dS0_ptr,
+                n_chunks, chunk, d_k, d_v, heads, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d,
+                PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The reverse walk over chunks (module docstring, "Backward"): carries dM, dS for this program's value
+    columns; outputs summed over value columns (dK, dP, dZ, the coefficient rows) are partial sums per value
+    block, added up by the caller."""
+    bh = tl.program_id(0).to(tl.int64)
+    vb = tl.program_id(1).to(tl.int64)
+    n_bh = tl.num_programs(0).to(tl.int64)
+    b = bh // heads
+    h = bh % heads
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_v = vb * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_c = offs_c < chunk
+    mask_k = offs_k < d_k
+    mask_v = offs_v < d_v
+    mask_kv = mask_k[:, None] & mask_v[None, :]
+    mask_ck = mask_c[:, None] & mask_k[None, :]
+    mask_cv = mask_c[:, None] & mask_v[None, :]
+    state_offs = bh * d_k * d_v + offs_k[:, None] * d_v + offs_v[None, :]  # into (B·H, d_k, d_v)
+    dM = tl.load(dMf_ptr + state_offs, mask=mask_kv, other=0.0)  # (BLOCK_K, BLOCK_V) float32: ∂/∂ final M
+    dS = tl.load(dSf_ptr + state_offs, mask=mask_kv, other=0.0)
+    k_offs = b * sk_b + h * sk_h + offs_c[:, None] * sk_l + offs_k[None, :] * sk_d
+    v_offs = b * sv_b + h * sv_h + offs_c[:, None] * sv_l + offs_v[None, :] * sv_d
+    pz_offs = bh * n_chunks * chunk * d_k + offs_c[:, None] * d_k + offs_k[None, :]  # (B·H, N·C, d_k)
+    part_offs = vb * n_bh * n_chunks * chunk * d_k + pz_offs  # into the partial sums (blocks, B·H, N·C, d_k)
+    y_offs = bh * n_chunks * chunk * d_v + offs_c[:, None] * d_v + offs_v[None, :]  # (B·H, N·C, d_v)
+    for i in range(n_chunks):
+        n = n_chunks - 1 - i
+        t0 = n * chunk
+        row = bh * n_chunks + n
+        part_row = vb * n_bh * n_chunks + row  # this chunk's row of the per-block coefficient partial sums
+        # operands are loaded just before their use and the products ordered so that few tiles are live at once
+        w_row = tl.load(vec_ptr + row * 2 * chunk + offs_c, mask=mask_c, other=0.0)
+        u_row = tl.load(vec_ptr + row * 2 * chunk + chunk + offs_c, mask=mask_c, other=0.0)
+        m_last = tl.load(scal_ptr + row * 4)
+        s_last = tl.load(scal_ptr + row * 4 + 1)
+        e_last = tl.load(scal_ptr + row * 4 + 2)
+        lam_u = tl.load(scal_ptr + row * 4 + 3)
+        start_offs = row * d_k * d_v + offs_k[:, None] * d_v + offs_v[None, :]
+        M = tl.load(Ms_ptr + start_offs, mask=mask_kv, other=0.0)  # the chunk's start state, float32
+        S = tl.load(Ss_ptr + start_offs, mask=mask_kv, other=0.0)
+        tl.store(dscal_ptr + part_row * 4, tl.sum(tl.sum(dM * M, axis=1), axis=0))  # ∂/∂(m_C, s_C, E_C, λΣu)
+        tl.store(dscal_ptr + part_row * 4 + 1, tl.sum(tl.sum(dM * S, axis=1), axis=0))
+        tl.store(dscal_ptr + part_row * 4 + 2, tl.sum(tl.sum(dS * S, axis=1), axis=0))
+        tl.store(dscal_ptr + part_row * 4 + 3, -tl.sum(tl.sum(dS * M, axis=1), axis=0))
+        dy = tl.load(dy_ptr + y_offs + t0 * d_v, mask=mask_cv, other=0.0).to(k_ptr.dtype.element_ty)
+        M_d = M.to(k_ptr.dtype.element_ty)  # dot operands in the input dtype (a no-op for float32)
+        S_d = S.to(k_ptr.dtype.element_ty)
+        dM_d = dM.to(k_ptr.dtype.element_ty)
+        dS_d = dS.to(k_ptr.dtype.element_ty)
+        tl.store(dP_ptr + part_offs + t0 * d_k, tl.dot(dy, tl.trans(M_d), input_precision=PRECISION), mask=mask_ck)
+        tl.store(dZ_ptr + part_offs + t0 * d_k, tl.dot(dy, tl.trans(S_d), input_precision=PRECISION), mask=mask_ck)
+        P = tl.load(P_ptr + pz_offs + t0 * d_k, mask=mask_ck, other=0.0)  # (BLOCK_C, BLOCK_K), input dtype
+        dM_prev = tl.dot(tl.trans(P), dy, acc=m_last * dM - lam_u * dS, input_precision=PRECISION)
+        Z = tl.load(Z_ptr + pz_offs + t0 * d_k, mask=mask_ck, other=0.0)
+        dS_prev = tl.dot(tl.trans(Z), dy, acc=s_last * dM + e_last * dS, input_precision=PRECISION)
+        K = tl.load(k_ptr + k_offs + t0 * sk_l, mask=mask_ck, other=0.0)
+        V = tl.load(v_ptr + v_offs + t0 * sv_l, mask=mask_cv, other=0.0).to(tl.float32)
+        R = tl.dot(K, M_d, acc=-V, input_precision=PRECISION)  # (BLOCK_C, BLOCK_V) residuals K M₀ − V
+        KdM = tl.dot(K, dM_d, input_precision=PRECISION)
+        KdS = tl.dot(K, dS_d, input_precision=PRECISION)
+        tl.store(dvec_ptr + part_row * 2 * chunk + offs_c, tl.sum(R * KdM, axis=1), mask=mask_c)  # ∂/∂(−2W_C·)
+        tl.store(dvec_ptr + part_row * 2 * chunk + chunk + offs_c, tl.sum(R * KdS, axis=1), mask=mask_c)  # −2u
+        dR = w_row[:, None] * KdM + u_row[:, None] * KdS  # ∂/∂R
+        tl.store(dv_ptr + y_offs + t0 * d_v, -dR, mask=mask_cv)  # ∂/∂V = −∂/∂R (value columns: no partials)
+        dR_d = dR.to(k_ptr.dtype.element_ty)
+        dK = tl.dot(dR_d, tl.trans(M_d), input_precision=PRECISION)  # (BLOCK_C, BLOCK_K)
+        dK = tl.dot((w_row[:, None] * R).to(k_ptr.dtype.element_ty), tl.trans(dM_d), acc=dK,
+                    input_precision=PRECISION)
+        dK = tl.dot((u_row[:, None] * R).to(k_ptr.dtype.element_ty), tl.trans(dS_d), acc=dK,
+                    input_precision=PRECISION)
+        tl.store(dk_ptr + part_offs + t0 * d_k, dK, mask=mask_ck)
+        dM_prev = tl.dot(tl.trans(K), dR_d, acc=dM_prev, input_precision=PRECISION)
+        dS = dS_prev
+        dM = dM_prev
+    tl.store(dM0_ptr + state_offs, dM, mask=mask_kv)
+    tl.store(dS0_ptr + state_offs, dS, mask=mask_kv)
+
+
 def _blocks(chunk: int, d_k: int, d_v: int, block_v: int | None) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_K, BLOCK_V): powers of two ≥ 16 (tl.dot's smallest tile); by default BLOCK_V keeps each
     state tile at ≤ 4096 float32 elements (d_k = 128: 32 value columns)."""
@@ -112,6 +218,73 @@ def _blocks(chunk: int, d_k: int, d_v: int, block_v: int | None) -> tuple[int, i
     return block_c, block_k, max(16, block_v)
 
 
+def _io_dtype(q: Tensor, k: Tensor, v: Tensor) -> torch.dtype:
+    """The dots' operand dtype: the inputs' promoted dtype, or autocast's."""
+    if torch.is_autocast_enabled(k.device.type):
+        return torch.get_autocast_dtype(k.device.type)
+    return torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+
+
+def _kernel_operands(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: Tensor, C: int, lam: float,
+                     io: torch.dtype) -> tuple[Tensor, ...]:
+    """The kernel's inputs over L = N·C positions (C divides L), in torch (differentiable): k, v in `io`,
+    P, Z (B, H, N, C, d_k) in `io`, y_c (B, H, N, C, d_v) float32, the coefficient rows −2 (W_C·, u)
+    (B, H, N, 2, C) and scalars (m_C, s_C, E_C, λ Σ u) (B, H, N, 4)."""
+    from optimized.titans import chunk_coefficients
+
+    B, H, L, d_k = k.shape
+    d_v = v.shape[-1]
+    N = L // C
+    q_io, k_io, v_io = (t.to(io) for t in (q, k, v))
+    W, m_coef, s, u, e_last = chunk_coefficients(alpha.float(), eta.float(), theta.float(), C, lam)
+    # the state-independent part of y = (diag(m) Q − 2 scores K) M₀ + diag(s) Q S₀ + 2 scores V, all chunks
+    Q_n = q_io.reshape(B, H, N, C, d_k)
+    K_n = k_io.reshape(B, H, N, C, d_k)
+    scores = (W * (Q_n @ K_n.transpose(-1, -2)).float()).to(io)  # (B, H, N, C, C)
+    P = (m_coef[..., None] * Q_n.float() - 2 * (scores @ K_n).float()).to(io)  # (B, H, N, C, d_k)
+    Z = (s[..., None] * Q_n.float()).to(io)
+    y_c = 2 * (scores @ v_io.reshape(B, H, N, C, d_v)).float()  # (B, H, N, C, d_v)
+    vecs = -2 * torch.stack([W[..., -1, :], u], dim=-2)  # (B, H, N, 2, C)
+    scalars = torch.stack([m_coef[..., -1], s[..., -1], e_last, lam * u.sum(dim=-1)], dim=-1)  # (B, H, N, 4)
+    return k_io, v_io, P, Z, y_c, vecs, scalars
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: Tensor, C: int, lam: float,
+             initial_state: tuple[Tensor, Tensor] | None, *, store_states: bool, block_v: int | None = None,
+             num_warps: int = 4, num_stages: int = 2) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """The kernel over the first N·C positions: y (B, H, N·C, d_v) in v's dtype, the final M, S (float32) and,
+    with `store_states`, every chunk's start state (B, H, N, d_k, d_v) float32."""
+    B, H, L, d_k = k.shape
+    d_v = v.shape[-1]
+    N = L // C
+    main = N * C
+    if initial_state is None:
+        M = torch.zeros(B, H, d_k, d_v, dtype=torch.float32, device=k.device)
+        S = torch.zeros_like(M)
+    else:
+        M = initial_state[0].to(torch.float32).contiguous()
+        S = initial_state[1].to(torch.float32).contiguous()
+    if N == 0:
+        return v.new_zeros(B, H, 0, d_v), M, S, None, None
+    io = _io_dtype(q, k, v)
+    k_io, v_io, P, Z, y_c, vecs, scalars = _kernel_operands(q[:, :, :main], k[:, :, :main], v[:, :, :main],
+                                                            alpha[:, :, :main], eta[:, :, :main],
+                                                            theta[:, :, :main], C, lam, io)
+    P, Z, y_c, vecs, scalars = (t.contiguous() for t in (P, Z, y_c, vecs, scalars))
+    y = torch.empty(B, H, main, d_v, dtype=v.dtype, device=v.device)
+    M_out = torch.empty(B, H, d_k, d_v, dtype=torch.float32, device=k.device)
+    S_out = torch.empty_like(M_out)
+    Ms = torch.empty(B, H, N, d_k, d_v, dtype=torch.float32, device=k.device) if store_states else M_out
+    Ss = torch.empty_like(Ms) if store_states else S_out
+    block_c, block_k, bv = _blocks(C, d_k, d_v, block_v)
+    _titans_fwd[(B * H, triton.cdiv(d_v, bv))](
+        k_io, v_io, P, Z, y_c, vecs, scalars, M, S, y, M_out, S_out, Ms, Ss, N, C, d_k, d_v, H, *k_io.stride(),
+        *v_io.stride(), HAS_STATE=initial_state is not None, STORE_STATES=store_states,
+        PRECISION="ieee" if io == torch.float32 else "tf32", BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_V=bv,
+        num_warps=num_warps, num_stages=num_stages)
+    return y, M_out, S_out, (Ms if store_states else None), (Ss if store_states else None)
+
+
 def titans_memory_triton(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: Tensor, *,
                          chunk_size: int, global_decay: float = 0.0,
                          initial_state: tuple[Tensor, Tensor] | None = None, block_v: int | None = None,
@@ -119,78 +292,81 @@ def titans_memory_triton(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Te
     """Forward only: (y (B, H, L, d_v), M, S (B, H, d_k, d_v)), all in v's dtype, as
     `optimized.titans.titans_memory_chunked` (inputs already validated). `block_v` value columns per program
     (a power of two; default: see `_blocks`)."""
-    from optimized.titans import _compute_dtype, chunk_coefficients, torch_chunked
+    from optimized.titans import _compute_dtype, torch_chunked
 
-    out_dtype = v.dtype
-    work = _compute_dtype(out_dtype)
-    B, H, L, d_k = k.shape
-    d_v = v.shape[-1]
+    L = k.shape[2]
     C = min(chunk_size, max(L, 1))
-    N = L // C
-    main = N * C
+    main = (L // C) * C
     lam = float(global_decay)
-    if initial_state is None:
-        M = torch.zeros(B, H, d_k, d_v, dtype=torch.float32, device=k.device)
-        S = torch.zeros_like(M)
-    else:
-        M = initial_state[0].to(torch.float32).contiguous()
-        S = initial_state[1].to(torch.float32).contiguous()
-    y = v.new_zeros(B, H, 0, d_v)
-    if N > 0:
-        io = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)  # the dots' operand dtype
-        if torch.is_autocast_enabled(k.device.type):
-            io = torch.get_autocast_dtype(k.device.type)
-        q_io, k_io, v_io = (t[:, :, :main].to(io) for t in (q, k, v))
-        W, m_coef, s, u, e_last = chunk_coefficients(alpha[:, :, :main].float(), eta[:, :, :main].float(),
-                                                      theta[:, :, :main].float(), C, lam)  # W: (B, H, N, C, C)
-        # the state-independent part of y = (diag(m) Q − 2 scores K) M₀ + diag(s) Q S₀ + 2 scores V, all chunks
-        Q_n = q_io.reshape(B, H, N, C, d_k)
-        K_n = k_io.reshape(B, H, N, C, d_k)
-        scores = (W * (Q_n @ K_n.transpose(-1, -2)).float()).to(io)  # (B, H, N, C, C)
-        P = (m_coef[..., None] * Q_n.float() - 2 * (scores @ K_n).float()).to(io).contiguous()  # (B, H, N, C, d_k)
-        Z = (s[..., None] * Q_n.float()).to(io).contiguous()
-        y_c = (2 * (scores @ v_io.reshape(B, H, N, C, d_v)).float()).contiguous()  # (B, H, N, C, d_v)
-        vecs = (-2 * torch.stack([W[..., -1, :], u], dim=-2)).contiguous()  # (B, H, N, 2, C)
-        scalars = torch.stack([m_coef[..., -1], s[..., -1], e_last, lam * u.sum(dim=-1)], dim=-1).contiguous()
-        y = torch.empty(B, H, main, d_v, dtype=out_dtype, device=v.device)
-        M_out = torch.empty(B, H, d_k, d_v, dtype=torch.float32, device=k.device)
-        S_out = torch.empty_like(M_out)
-        block_c, block_k, bv = _blocks(C, d_k, d_v, block_v)
-        grid = (B * H, triton.cdiv(d_v, bv))
-        _titans_fwd[grid](
-            k_io, v_io, P, Z, y_c, vecs, scalars, M, S, y, M_out, S_out, N, C, d_k, d_v, H, *k_io.stride(),
-            *v_io.stride(), HAS_STATE=initial_state is not None, PRECISION="ieee" if io == torch.float32 else "tf32",
-            BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_V=bv, num_warps=num_warps, num_stages=num_stages)
-        M, S = M_out, S_out
+    y, M, S, _, _ = _forward(q, k, v, alpha, eta, theta, C, lam, initial_state, store_states=False,
+                             block_v=block_v, num_warps=num_warps, num_stages=num_stages)
     if main == L:
-        return y, M.to(out_dtype), S.to(out_dtype)
+        return y, M.to(v.dtype), S.to(v.dtype)
     # the last, shorter chunk: the torch path from the kernel's final state
+    work = _compute_dtype(v.dtype)
     y_tail, M, S = torch_chunked(q[:, :, main:], k[:, :, main:], v[:, :, main:], alpha[:, :, main:],
                                  eta[:, :, main:], theta[:, :, main:], chunk_size=L - main, global_decay=lam,
                                  initial_state=(M.to(work), S.to(work)))
     return torch.cat([y, y_tail], dim=2), M, S
 
 
+def _backward_kernel(operands: tuple[Tensor, ...], Ms: Tensor, Ss: Tensor, dy: Tensor, dM: Tensor, dS: Tensor, *,
+                     block_v: int | None = None, num_warps: int = 8,
+                     num_stages: int = 2) -> tuple[list[Tensor], Tensor, Tensor]:
+    """Gradients of the kernel's outputs (y over N·C positions, final M, S) with respect to its operands
+    (`_kernel_operands`, in that order) and its start state: ([dk, dv, dP, dZ, dy_c, dvecs, dscalars], dM₀, dS₀)."""
+    k_io, v_io, P, Z, y_c, vecs, scalars = operands
+    B, H, N, C, d_k = P.shape
+    d_v = v_io.shape[-1]
+    P, Z, vecs, scalars = (t.detach().contiguous() for t in (P, Z, vecs, scalars))
+    k_io, v_io = k_io.detach(), v_io.detach()
+    dy = dy.contiguous()
+    dM = dM.to(torch.float32).contiguous()
+    dS = dS.to(torch.float32).contiguous()
+    block_c, block_k, bv = _blocks(C, d_k, d_v, block_v)
+    blocks = triton.cdiv(d_v, bv)
+    dM0 = torch.empty_like(dM)  # (B, H, d_k, d_v) float32
+    dS0 = torch.empty_like(dM)
+    dk_part = dM.new_empty(blocks, B, H, N * C, d_k)  # partial sums over value blocks, float32
+    dP_part = torch.empty_like(dk_part)
+    dZ_part = torch.empty_like(dk_part)
+    dv = dM.new_empty(B, H, N * C, d_v)
+    dvec_part = dM.new_empty(blocks, B, H, N, 2, C)
+    dscal_part = dM.new_empty(blocks, B, H, N, 4)
+    _titans_bwd[(B * H, blocks)](
+        k_io, v_io, P, Z, vecs, scalars, Ms, Ss, dy, dM, dS, dk_part, dv, dP_part, dZ_part, dvec_part, dscal_part,
+        dM0, dS0, N, C, d_k, d_v, H, *k_io.stride(), *v_io.stride(),
+        PRECISION="ieee" if k_io.dtype == torch.float32 else "tf32", BLOCK_C=block_c, BLOCK_K=block_k,
+        BLOCK_V=bv, num_warps=num_warps, num_stages=num_stages)
+    grads = [dk_part.sum(0), dv, dP_part.sum(0).reshape(P.shape), dZ_part.sum(0).reshape(Z.shape),
+             dy.reshape(y_c.shape), dvec_part.sum(0), dscal_part.sum(0)]
+    return grads, dM0, dS0
+
+
 def compile_for_gpu(capability: int = 90, dtype: str = "bf16", *, chunk: int = 64, d_k: int = 128,
                     block_v: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                    precision: str = "ieee") -> Any:
-    """Compile `_titans_fwd` ahead of time for CUDA compute capability `capability` (90: H100) with q, k, v, y in
-    `dtype` ("fp32", "fp16", "bf16"), without a GPU (Triton's frontend, its passes and ptxas run on the CPU): the
-    check `TRITON_INTERPRET=1` cannot make, so it must run in a process without that variable. Returns Triton's
-    compiled kernel (its `n_regs` and `n_spills` tell the register pressure)."""
+                    precision: str = "ieee", backward: bool = False) -> Any:
+    """Compile `_titans_fwd` (or, with `backward`, `_titans_bwd`) ahead of time for CUDA compute capability
+    `capability` (90: H100) with q, k, v, y in `dtype` ("fp32", "fp16", "bf16"), without a GPU (Triton's frontend,
+    its passes and ptxas run on the CPU): the check `TRITON_INTERPRET=1` cannot make, so it must run in a process
+    without that variable. Returns Triton's compiled kernel (its `n_regs` and `n_spills` tell the register
+    pressure)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    kernel = _titans_bwd if backward else _titans_fwd
     block_c, block_k, bv = _blocks(chunk, d_k, d_k, block_v)
-    names: list[str] = _titans_fwd.arg_names
+    names: list[str] = kernel.arg_names
     # as a launch specialises them: unit strides are constants, pointers and the other ints 16-divisible
-    constexprs = {"sk_d": 1, "sv_d": 1, "HAS_STATE": True, "PRECISION": precision if dtype == "fp32" else "tf32",
-                  "BLOCK_C": block_c, "BLOCK_K": block_k, "BLOCK_V": bv}
-    io = {"k_ptr", "v_ptr", "P_ptr", "Z_ptr", "y_ptr"}  # in the input dtype; coefficients and states: fp32
+    constexprs: dict[str, Any] = {"sk_d": 1, "sv_d": 1, "PRECISION": precision if dtype == "fp32" else "tf32",
+                                  "BLOCK_C": block_c, "BLOCK_K": block_k, "BLOCK_V": bv}
+    if not backward:
+        constexprs.update(HAS_STATE=True, STORE_STATES=True)
+    io = {"k_ptr", "v_ptr", "P_ptr", "Z_ptr", "y_ptr", "dy_ptr"}  # in the input dtype; the rest: fp32
     signature = {name: "constexpr" if name in constexprs else (f"*{dtype}" if name in io else "*fp32")
                  if name.endswith("_ptr") else "i32" for name in names}
     aligned = [name for name in names if name not in constexprs and name not in ("n_chunks", "heads")]
-    source = ASTSource(fn=_titans_fwd, signature=signature,
+    source = ASTSource(fn=kernel, signature=signature,
                        constexprs={(names.index(name),): value for name, value in constexprs.items()},
                        attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned})
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps,
@@ -198,45 +374,87 @@ def compile_for_gpu(capability: int = 90, dtype: str = "bf16", *, chunk: int = 6
 
 
 class _TritonTitans(torch.autograd.Function):
-    """Forward by the kernel; backward by differentiating the torch chunked form (recomputed under grad, with the
-    forward's autocast state)."""
+    """Forward by `_titans_fwd` (storing each chunk's start state); backward by `_titans_bwd` for the state
+    passing and torch autograd for the rest (the state-independent operands, recomputed under grad with the
+    forward's autocast state, and the last, shorter chunk)."""
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: Tensor,
                 M0: Tensor | None, S0: Tensor | None, chunk_size: int,
                 global_decay: float) -> tuple[Tensor, Tensor, Tensor]:
-        ctx.save_for_backward(q, k, v, alpha, eta, theta, M0, S0)
-        ctx.chunk_size, ctx.global_decay = chunk_size, global_decay
+        from optimized.titans import torch_chunked
+
+        L = k.shape[2]
+        C = min(chunk_size, max(L, 1))
+        main = (L // C) * C
+        state = (M0, S0) if M0 is not None and S0 is not None else None
+        y, M, S, Ms, Ss = _forward(q, k, v, alpha, eta, theta, C, global_decay, state, store_states=True)
+        ctx.save_for_backward(q, k, v, alpha, eta, theta, M0, S0, Ms, Ss, M, S)
+        ctx.chunk, ctx.main, ctx.global_decay = C, main, global_decay
         device = k.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        state = (M0, S0) if M0 is not None and S0 is not None else None
-        return titans_memory_triton(q, k, v, alpha, eta, theta, chunk_size=chunk_size, global_decay=global_decay,
-                                    initial_state=state)
+        if main == L:
+            return y, M.to(v.dtype), S.to(v.dtype)
+        y_tail, M, S = torch_chunked(q[:, :, main:], k[:, :, main:], v[:, :, main:], alpha[:, :, main:],
+                                     eta[:, :, main:], theta[:, :, main:], chunk_size=L - main,
+                                     global_decay=global_decay, initial_state=(M, S))
+        return torch.cat([y, y_tail], dim=2), M, S
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor, grad_M: Tensor, grad_S: Tensor) -> tuple[Tensor | None, ...]:
         from optimized.titans import torch_chunked
 
-        inputs: list[Tensor | None] = [t.detach().requires_grad_(t.requires_grad) if t is not None else None
-                                       for t in ctx.saved_tensors]
-        q, k, v, alpha, eta, theta, M0, S0 = inputs
-        assert q is not None and k is not None and v is not None
-        assert alpha is not None and eta is not None and theta is not None
-        state = (M0, S0) if M0 is not None and S0 is not None else None
+        q, k, v, alpha, eta, theta, M0, S0, Ms, Ss, M_main, S_main = ctx.saved_tensors
+        C, main, lam = ctx.chunk, ctx.main, ctx.global_decay
+        L = k.shape[2]
+        leaves = [t.detach().requires_grad_(need) for t, need in zip((q, k, v, alpha, eta, theta),
+                                                                    ctx.needs_input_grad[:6], strict=True)]
+        wanted = [t for t in leaves if t.requires_grad]
+        grads: list[Tensor | None] = [None] * len(wanted)
+
+        def accumulate(outputs: list[Tensor], cotangents: list[Tensor], extra: list[Tensor]) -> list[Tensor | None]:
+            found = torch.autograd.grad(outputs, [*wanted, *extra], cotangents, allow_unused=True)
+            for i, g in enumerate(found[:len(wanted)]):
+                previous = grads[i]
+                if g is not None:
+                    grads[i] = g if previous is None else previous + g
+            return list(found[len(wanted):])
+
         device, autocast, autocast_dtype = ctx.autocast
+        dM: Tensor = grad_M  # ∂/∂ the kernel's final state
+        dS: Tensor = grad_S
         with torch.enable_grad(), torch.autocast(device, dtype=autocast_dtype, enabled=autocast):
-            outputs = torch_chunked(q, k, v, alpha, eta, theta, chunk_size=ctx.chunk_size,
-                                    global_decay=ctx.global_decay, initial_state=state)
-            wanted = [t for t in inputs if t is not None and t.requires_grad]
-            grads = iter(torch.autograd.grad(outputs, wanted, (grad_y, grad_M, grad_S), allow_unused=True))
-        result = [next(grads) if t is not None and t.requires_grad else None for t in inputs]
-        return (*result, None, None)
+            if main < L:  # the last, shorter chunk: differentiate the torch form, to the kernel's final state
+                M_in, S_in = (t.detach().requires_grad_(True) for t in (M_main, S_main))
+                tail = torch_chunked(*(t[:, :, main:] for t in leaves), chunk_size=L - main, global_decay=lam,
+                                     initial_state=(M_in, S_in))
+                found_M, found_S = accumulate(list(tail), [grad_y[:, :, main:], grad_M, grad_S], [M_in, S_in])
+                dM = torch.zeros_like(M_main) if found_M is None else found_M
+                dS = torch.zeros_like(S_main) if found_S is None else found_S
+            dM0, dS0 = dM, dS
+            if main > 0:
+                q_, k_, v_, a_, e_, th_ = (t[:, :, :main] for t in leaves)
+                operands = _kernel_operands(q_, k_, v_, a_, e_, th_, C, lam, _io_dtype(q_, k_, v_))
+                cotangents, dM0, dS0 = _backward_kernel(operands, Ms, Ss, grad_y[:, :, :main], dM, dS)
+                pairs = [(t, g.to(t.dtype)) for t, g in zip(operands, cotangents, strict=True) if t.requires_grad]
+                if pairs and wanted:
+                    accumulate([t for t, _ in pairs], [g for _, g in pairs], [])
+        result = iter(grads)
+        input_grads = [next(result) if t.requires_grad else None for t in leaves]
+        grad_M0 = dM0.to(M0.dtype) if M0 is not None and ctx.needs_input_grad[6] else None
+        grad_S0 = dS0.to(S0.dtype) if S0 is not None and ctx.needs_input_grad[7] else None
+        return (*input_grads, grad_M0, grad_S0, None, None)
 
 
 def titans_memory_triton_autograd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: Tensor, *,
                                   chunk_size: int, global_decay: float = 0.0,
                                   initial_state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """`titans_memory_triton` with gradients (see the module docstring)."""
+    """`titans_memory_triton` with gradients (see the module docstring); without any (grad mode off, or no input
+    requiring grad) the plain forward, which stores no chunk states."""
+    tensors = [q, k, v, alpha, eta, theta, *(initial_state or ())]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return titans_memory_triton(q, k, v, alpha, eta, theta, chunk_size=chunk_size, global_decay=global_decay,
+                                    initial_state=initial_state)
     apply = cast(Callable[..., tuple[Tensor, Tensor, Tensor]], _TritonTitans.apply)
     M0, S0 = initial_state if initial_state is not None else (None, None)
     return apply(q, k, v, alpha, eta, theta, M0, S0, chunk_size, float(global_decay))

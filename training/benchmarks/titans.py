@@ -141,7 +141,7 @@ def bench_titans(args: BenchArgs) -> list[BenchRow]:
             rows.append(BenchRow(op="titans", impl="optimized", params=f"{params} {mode}", ms=ms,
                                  dispatch=dispatch, throughput=f"{tokens / ms / 1e3:.3f} Mtok/s",
                                  floor_fraction=(floor_ms * (3 if grad else 1)) / ms if cuda else None,
-                                 note="backward: torch recompute" if grad and dispatch == "triton" else ""))
+                                 note="backward: Triton kernel" if grad and dispatch == "triton" else ""))
             if dispatch != "torch-chunked":  # the torch form on the same device, for comparison
                 def torch_form(inputs: list[torch.Tensor] = inputs) -> Any:
                     return opt.torch_chunked(*inputs, chunk_size=C)
