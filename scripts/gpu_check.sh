@@ -9,6 +9,8 @@
 #   GPU_CHECK_QUICK=1 bash scripts/gpu_check.sh           # small sizes (a smoke run)
 #   OPS="scan swa" MODELS="gru" bash scripts/gpu_check.sh # a subset
 #   STAGES="tests ops" bash scripts/gpu_check.sh         # some of the stages: tests ops models (default all three)
+#   STAGES=emma bash scripts/gpu_check.sh                # EMMA's long-context recipe: optimized training to the end,
+#                                                        # then the reference on the same config for EMMA_REF_STEPS (1)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -83,6 +85,25 @@ for m in ${MODELS:-$(python3 -c "from training.registry import MODELS; print(' '
     | tee -a "$OUT/bench_models.md" \
     || echo "model $m: timed out or failed" | tee -a "$OUT/bench_models.md"
 done
+fi
+if stage emma; then
+echo "== EMMA emma_n8_len1024 (bf16 autocast): optimized to the end, reference for ${EMMA_REF_STEPS:-1} step(s)"
+for impl in optimized reference; do
+  steps=(); [ "$impl" = reference ] && steps=(--max-steps "${EMMA_REF_STEPS:-1}" --set train.eval_batches=1)
+  limit=$([ "$impl" = reference ] && echo "${EMMA_REF_TIMEOUT:-420}" || echo "${EMMA_TIMEOUT:-400}")
+  timeout "$limit" python3 scripts/train.py --impl "$impl" --config configs/emma_n8_len1024.yaml \
+    --set train.autocast=bf16 "${steps[@]}" --out "$OUT/emma_$impl" --no-progress > "$OUT/emma_$impl.log" 2>&1 \
+    || echo "emma $impl: timed out or failed (see emma_$impl.log)"
+  rm -f "$OUT/emma_$impl/checkpoint.pt"
+done
+python3 - "$OUT" <<'PY'
+import json, pathlib, sys
+for impl in ("optimized", "reference"):
+    path = pathlib.Path(sys.argv[1]) / f"emma_{impl}" / "summary.json"
+    s = json.loads(path.read_text()) if path.exists() else {}
+    print(f"{impl:>10}: steps {s.get('steps')}  val_accuracy {s.get('val_accuracy')}  "
+          f"tokens/s {s.get('train_tokens_per_s')}  peak MiB {s.get('peak_memory_mib')}")
+PY
 fi
 echo "gpu tests exit code: $tests_rc"
 exit "$tests_rc"
