@@ -46,13 +46,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["BLOCK_B", "KERNEL_MAX_HIDDEN", "compile_for_gpu", "liquid_triton_autograd", "liquid_triton_backward",
+__all__ = ["BLOCK_B", "compile_for_gpu", "liquid_triton_autograd", "liquid_triton_backward",
            "liquid_triton_forward"]
 
 _jit: Callable[[Callable[..., Any]], Any] = triton.jit  # typed alias: Triton's decorator carries no annotations
 
 BLOCK_B = 16  # batch rows per program: tl.dot's smallest tile; more rows would only mean fewer programs
-KERNEL_MAX_HIDDEN = 128  # W (H × H) is staged in shared memory: at H = 256 float32 it needs 272 KiB
 _DOT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 

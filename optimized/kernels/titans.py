@@ -65,6 +65,24 @@ _jit: Callable[[Callable[..., Any]], Any] = triton.jit  # typed alias: Triton's 
 
 
 @_jit
+def _tiles(bh, vb, chunk, d_k, d_v, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,  # type: ignore[no-untyped-def]
+           BLOCK_V: tl.constexpr):
+    """A program's index tiles, shared by the forward and the backward kernel: chunk positions, key dimensions,
+    its block `vb` of value columns, their masks, and its (d_k × BLOCK_V) offsets into a (B·H, d_k, d_v) state."""
+    offs_c = tl.arange(0, BLOCK_C)  # positions in a chunk
+    offs_k = tl.arange(0, BLOCK_K)  # key dimensions
+    offs_v = vb * BLOCK_V + tl.arange(0, BLOCK_V)  # this program's value columns
+    mask_c = offs_c < chunk
+    mask_k = offs_k < d_k
+    mask_v = offs_v < d_v
+    mask_kv = mask_k[:, None] & mask_v[None, :]
+    mask_ck = mask_c[:, None] & mask_k[None, :]
+    mask_cv = mask_c[:, None] & mask_v[None, :]
+    state_offs = bh * d_k * d_v + offs_k[:, None] * d_v + offs_v[None, :]
+    return offs_c, offs_k, offs_v, mask_c, mask_kv, mask_ck, mask_cv, state_offs
+
+
+@_jit
 def _titans_fwd(k_ptr, v_ptr, P_ptr, Z_ptr, yc_ptr, vec_ptr, scal_ptr, M0_ptr, S0_ptr, y_ptr, M_ptr, S_ptr,  # type: ignore[no-untyped-def]
                 Ms_ptr, Ss_ptr, n_chunks, chunk, d_k, d_v, heads, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d,
                 HAS_STATE: tl.constexpr, STORE_STATES: tl.constexpr, PRECISION: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -72,16 +90,8 @@ def _titans_fwd(k_ptr, v_ptr, P_ptr, Z_ptr, yc_ptr, vec_ptr, scal_ptr, M0_ptr, S
     bh = tl.program_id(0).to(tl.int64)
     b = bh // heads
     h = bh % heads
-    offs_c = tl.arange(0, BLOCK_C)  # positions in a chunk
-    offs_k = tl.arange(0, BLOCK_K)  # key dimensions
-    offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)  # this program's value columns
-    mask_c = offs_c < chunk
-    mask_k = offs_k < d_k
-    mask_v = offs_v < d_v
-    mask_kv = mask_k[:, None] & mask_v[None, :]
-    mask_ck = mask_c[:, None] & mask_k[None, :]
-    mask_cv = mask_c[:, None] & mask_v[None, :]
-    state_offs = bh * d_k * d_v + offs_k[:, None] * d_v + offs_v[None, :]  # into (B·H, d_k, d_v)
+    offs_c, offs_k, offs_v, mask_c, mask_kv, mask_ck, mask_cv, state_offs = _tiles(
+        bh, tl.program_id(1).to(tl.int64), chunk, d_k, d_v, BLOCK_C, BLOCK_K, BLOCK_V)
     if HAS_STATE:
         M = tl.load(M0_ptr + state_offs, mask=mask_kv, other=0.0).to(tl.float32)  # (BLOCK_K, BLOCK_V)
         S = tl.load(S0_ptr + state_offs, mask=mask_kv, other=0.0).to(tl.float32)
@@ -138,16 +148,8 @@ def _titans_bwd(k_ptr, v_ptr, P_ptr, Z_ptr, vec_ptr, scal_ptr, Ms_ptr, Ss_ptr, d
     n_bh = tl.num_programs(0).to(tl.int64)
     b = bh // heads
     h = bh % heads
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_v = vb * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask_c = offs_c < chunk
-    mask_k = offs_k < d_k
-    mask_v = offs_v < d_v
-    mask_kv = mask_k[:, None] & mask_v[None, :]
-    mask_ck = mask_c[:, None] & mask_k[None, :]
-    mask_cv = mask_c[:, None] & mask_v[None, :]
-    state_offs = bh * d_k * d_v + offs_k[:, None] * d_v + offs_v[None, :]  # into (B·H, d_k, d_v)
+    offs_c, offs_k, offs_v, mask_c, mask_kv, mask_ck, mask_cv, state_offs = _tiles(
+        bh, vb, chunk, d_k, d_v, BLOCK_C, BLOCK_K, BLOCK_V)
     dM = tl.load(dMf_ptr + state_offs, mask=mask_kv, other=0.0)  # (BLOCK_K, BLOCK_V) float32: ∂/∂ final M
     dS = tl.load(dSf_ptr + state_offs, mask=mask_kv, other=0.0)
     k_offs = b * sk_b + h * sk_h + offs_c[:, None] * sk_l + offs_k[None, :] * sk_d
