@@ -95,6 +95,9 @@ class _DeviceTracker:
         self.shape = (-1,) + (1,) * (z0.ndim - 1)
         self.kernels = kernels
         if kernels:
+            from optimized.kernels.deq import observe  # imported once per solve, not per iteration
+
+            self.kernel_observe = observe
             self.trace_buf = torch.empty(max_iter + 1, batch, dtype=wt, device=z0.device)
             self.counts = torch.zeros(max_iter + 1, 2, dtype=torch.int32, device=z0.device)  # see should_stop
             # [tol, residual eps, machine eps] in the work dtype (read by the kernels, no host scalars)
@@ -104,11 +107,10 @@ class _DeviceTracker:
         """Record z_step and f(z_step); return the (B,) mask of samples that keep iterating (no sync). With
         `z_next` (kernel path only) also write plain iteration's update f(z) where active, else z, into it."""
         if self.kernels:
-            from optimized.kernels.deq import observe
-
             extra = call_stop(self.stop_fn, z, fz, self.fn)
-            observe(z, fz, self.best_z, self.best_r, self.converged, self.iterations, self.first_bad, self.active,
-                    self.trace_buf, self.counts, self.consts, step, extra=extra, z_next=z_next)
+            self.kernel_observe(z, fz, self.best_z, self.best_r, self.converged, self.iterations, self.first_bad,
+                                self.active, self.trace_buf, self.counts, self.consts, step, extra=extra,
+                                z_next=z_next)
             return self.active
         active = ~self.converged & (self.first_bad < 0)
         finite = torch.isfinite(z.flatten(1)).all(1) & torch.isfinite(fz.flatten(1)).all(1)
