@@ -6,10 +6,15 @@ Dispatch (`scan_dispatch` names the branch; `scripts/bench.py` reports it):
   `selective_scan_cuda` and its `ops/selective_scan_interface.py` load (by file path: importing the package
   `mamba_ssm` itself needs more, see ENVIRONMENT.md);
 - ``triton``: other CUDA tensors in those dtypes, with Triton importable (`optimized/kernels/selective_scan.py`);
-- ``torch-chunked``: everything else (CPU, float64), the two-level chunked scan below (`chunked_scan`).
+- ``cpu-compiled``: CPU tensors when no gradient is needed (inference, `torch.no_grad()`, or no input requires
+  grad) and a C compiler is available: the recurrence compiled from `optimized/kernels/cpu_scan.c`, one pass
+  over time with the discretisation, D skip and z gate fused in (`optimized/kernels/cpu_scan.py` builds it on
+  first use; `MEMARCH_DISABLE_KERNELS=cpu_scan` switches it off);
+- ``torch-chunked``: everything else (CPU training, CUDA float64), the two-level chunked scan below
+  (`chunked_scan`), which autograd differentiates.
 
-Tolerances against the float64 reference (tests/tolerances.py): float64 1e-10 for one scan; float32 and the
-Triton kernel the long-scan (MODEL) tolerance 1e-4; bfloat16 5e-2.
+Tolerances against the float64 reference (tests/tolerances.py): float64 1e-10 for one scan; float32, the
+Triton kernel and the compiled CPU scan the long-scan (MODEL) tolerance 1e-4; bfloat16 5e-2.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from optimized.kernels import kernel_available
+from optimized.kernels.cpu_scan import cpu_scan_available, selective_scan_cpu
 from reference.ssm import (
     channel_view,
     compute_dtype,
@@ -73,13 +79,16 @@ def mamba_ssm_unavailable_reason() -> str:
     return _load_mamba_ssm()[1]
 
 
-def scan_dispatch(u: Tensor, *, initial_state: Tensor | None = None) -> str:
-    """The branch `selective_scan` takes for inputs like `u`: "mamba_ssm.cuda", "triton" or "torch-chunked"."""
+def scan_dispatch(u: Tensor, *operands: Tensor | None, initial_state: Tensor | None = None) -> str:
+    """The branch `selective_scan` takes for inputs like `u` (and `operands`, the other tensors of the call, which
+    decide whether a gradient is needed): "mamba_ssm.cuda", "triton", "cpu-compiled" or "torch-chunked"."""
     if u.is_cuda and u.dtype in _KERNEL_DTYPES:
         if initial_state is None and _load_mamba_ssm()[0] is not None:
             return "mamba_ssm.cuda"
         if kernel_available(u, "scan"):
             return "triton"
+    if not u.is_cuda and cpu_scan_available(u, *operands, initial_state):
+        return "cpu-compiled"
     return "torch-chunked"
 
 
@@ -198,12 +207,13 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
                    return_last_state: bool = False, *,
                    initial_state: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Implements `reference.ssm.selective_scan` (same signature, shapes and semantics), dispatching as the module
-    docstring says; `chunked_scan` is the CPU method. Tolerances: see the module docstring.
+    docstring says: on a CPU `chunked_scan` when a gradient is needed, else the compiled scan. Tolerances: see
+    the module docstring.
 
     On the mamba-ssm branch the last state carries no gradient (mamba-ssm's own limitation).
     """
     validate_selective_scan(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    branch = scan_dispatch(u, initial_state=initial_state)
+    branch = scan_dispatch(u, delta, A, B, C, D, z, delta_bias, initial_state=initial_state)
     if branch == "mamba_ssm.cuda":
         fn = _load_mamba_ssm()[0]
         assert fn is not None
@@ -220,6 +230,10 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         from optimized.kernels.selective_scan import selective_scan_triton_autograd
         out, last = selective_scan_triton_autograd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                                    initial_state)
+    elif branch == "cpu-compiled":
+        work = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
+        out, last = selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, work)
+        out = out.to(u.dtype)
     else:
         out, last = chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
     return (out, last) if return_last_state else out

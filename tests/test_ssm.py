@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import optimized.ssm as opt
 import reference.ssm as ref
-from optimized.kernels import triton_available, triton_interpreting
+from optimized.kernels import cpu_scan, triton_available, triton_interpreting
 from reference.validation import DTypeError, ShapeError
 from tests.causality import assert_causal
 from tests.equivalence import assert_equivalent
@@ -238,9 +238,116 @@ def test_scan_is_causal(impl: Any, layout: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- dispatch, kernels
 
-def test_scan_dispatch_on_cpu_is_the_chunked_scan() -> None:
+def test_scan_dispatch_on_cpu() -> None:
+    x = torch.zeros(1, 1, 1)
+    reason = cpu_scan.unavailable_reason()
+    if reason:
+        print(f"compiled CPU scan unavailable: {reason}")
+    inference = "torch-chunked" if reason else "cpu-compiled"
+    assert opt.scan_dispatch(x) == inference
+    assert opt.scan_dispatch(x.double()) == inference
+    weight = torch.zeros(1, 1, requires_grad=True)
+    assert opt.scan_dispatch(x, weight) == "torch-chunked"  # a gradient is needed: the autograd path
+    with torch.no_grad():
+        assert opt.scan_dispatch(x, weight) == inference
+
+
+def test_the_compiled_cpu_scan_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEMARCH_DISABLE_KERNELS", "cpu_scan")
     assert opt.scan_dispatch(torch.zeros(1, 1, 1)) == "torch-chunked"
-    assert opt.scan_dispatch(torch.zeros(1, 1, 1, dtype=torch.float64)) == "torch-chunked"
+    assert "MEMARCH_DISABLE_KERNELS" in cpu_scan.unavailable_reason()
+
+
+needs_compiled = pytest.mark.skipif(cpu_scan.unavailable_reason() != "",
+                                    reason=f"compiled CPU scan unavailable: {cpu_scan.unavailable_reason()}")
+
+
+def _compiled(case: Case) -> Callable[..., Any]:
+    def fn(*args: torch.Tensor | None) -> Any:
+        assert opt.scan_dispatch(*[a for a in args if a is not None]) == "cpu-compiled"
+        return _as_fn(opt, case)(*args)
+    return fn
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@given(case=cases())
+def test_compiled_cpu_scan_matches_reference(dtype: torch.dtype, case: Case) -> None:
+    assert_equivalent(_as_fn(ref, case), _compiled(case), _inputs(case), dtype=dtype, grad=False,
+                      model=dtype != torch.float64)
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("batch", "dim", "groups", "n_state", "length", "workers"),
+                         [(2, 64, 1, 16, 150, 3), (1, 12, 2, 3, 130, 2), (3, 5, 1, 2, 65, 4), (2, 96, 3, 4, 257, 5),
+                          (1, 40, 1, 5, 64, 1)])
+def test_compiled_cpu_scan_over_time_tiles_channel_blocks_and_threads(dtype: torch.dtype, batch: int, dim: int,
+                                                                     groups: int, n_state: int, length: int,
+                                                                     workers: int) -> None:
+    # L beyond one 64-step tile (not a multiple of it), channel blocks of 32, 8, 2 and 1 (5 channels), groups of
+    # B/C rows across blocks, and the jobs split over several threads
+    for b_layout, c_layout in (("grouped", "per_step"), ("shared", "grouped"), ("per_step", "shared")):
+        case = Case(batch=batch, dim=dim, n_state=n_state, length=length, b_layout=b_layout, c_layout=c_layout,
+                    groups=groups, has_D=True, has_z=True, has_bias=True, softplus=True, last_state=True,
+                    has_h0=True, seed=length)
+        u, delta, A, B, C, D, z, bias, h0 = (None if x is None else x.to(dtype) for x in _inputs(case))
+        assert u is not None and delta is not None and A is not None and B is not None and C is not None
+        def wide(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.double()
+
+        expected = ref.selective_scan(u.double(), delta.double(), A.double(), B.double(), C.double(), wide(D),
+                                      wide(z), wide(bias), True, True, initial_state=wide(h0))
+        out, last = cpu_scan.selective_scan_cpu(u, delta, A, B, C, D, z, bias, True, h0, dtype, workers=workers)
+        tol = 1e-10 if dtype == torch.float64 else 1e-4
+        torch.testing.assert_close(out.double(), expected[0], rtol=tol, atol=tol)
+        torch.testing.assert_close(last.double(), expected[1], rtol=tol, atol=tol)
+
+
+@needs_compiled
+@pytest.mark.parametrize(("dtype", "ulps"), [(torch.float32, 2), (torch.float64, 4)])
+def test_compiled_scan_exp_and_softplus_are_accurate(dtype: torch.dtype, ulps: int) -> None:
+    # one step from h0 = 1 with u = 0 and C = 1 reads out exp(Δ·A); with A = 1 the product is exact, so the
+    # output is the kernel's own exp of Δ, compared with float64 exp; likewise Δ = softplus(delta) via u = B = C = 1
+    eps = torch.finfo(dtype).eps
+    limit = 80.0 if dtype == torch.float32 else 700.0
+    x = torch.linspace(-limit, limit, 4001, dtype=torch.float64).to(dtype)
+    dim = x.numel()
+    ones = torch.ones(1, dim, 1, dtype=dtype)
+    out, _ = cpu_scan.selective_scan_cpu(torch.zeros(1, dim, 1, dtype=dtype), x.view(1, dim, 1),
+                                         torch.ones(dim, 1, dtype=dtype), torch.zeros(1, 1, 1, dtype=dtype),
+                                         torch.ones(1, 1, 1, dtype=dtype), None, None, None, False,
+                                         torch.ones(1, dim, 1, dtype=dtype), dtype)
+    exact = x.double().exp()
+    assert ((out.view(-1).double() - exact).abs() / exact).max() <= ulps * eps
+    s = torch.linspace(-30.0, 30.0, 4001, dtype=torch.float64).to(dtype)
+    out, _ = cpu_scan.selective_scan_cpu(ones, s.view(1, dim, 1), torch.zeros(dim, 1, dtype=dtype),
+                                         torch.ones(1, 1, 1, dtype=dtype), torch.ones(1, 1, 1, dtype=dtype), None,
+                                         None, None, True, None, dtype)
+    exact = torch.nn.functional.softplus(s.double())
+    assert ((out.view(-1).double() - exact).abs() / exact).max() <= 2 * ulps * eps
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_scan_overflow_underflow_and_nan_follow_the_reference(dtype: torch.dtype) -> None:
+    # channel 0: exp(Δ A) overflows to inf; channel 1: underflows (≈ 0); channel 2: u is NaN from step 3 on
+    length = 6
+    big = 100.0 if dtype == torch.float32 else 800.0
+    u = torch.ones(1, 3, length, dtype=dtype)
+    u[0, 2, 3:] = float("nan")
+    delta = torch.tensor([big, big, 0.5], dtype=dtype)[None, :, None].expand(1, 3, length).contiguous()
+    A = torch.tensor([[1.0], [-1.0], [-1.0]], dtype=dtype)
+    B = C = torch.ones(1, 1, length, dtype=dtype)
+    h0 = torch.ones(1, 3, 1, dtype=dtype)
+    with torch.no_grad():
+        out, last = opt.selective_scan(u, delta, A, B, C, None, None, None, False, True, initial_state=h0)
+    expected, expected_last = ref.selective_scan(u, delta, A, B, C, None, None, None, False, True, initial_state=h0)
+    assert torch.isposinf(out[0, 0]).all() and torch.isposinf(expected[0, 0]).all()
+    torch.testing.assert_close(out[0, 1], expected[0, 1], rtol=1e-6, atol=0)  # Δ u B after the decay to ~0
+    assert torch.isnan(out[0, 2, 3:]).all() and not torch.isnan(out[0, 2, :3]).any()
+    torch.testing.assert_close(out[0, 2, :3], expected[0, 2, :3])
+    assert torch.isnan(last[0, 2]).all() and torch.isnan(expected_last[0, 2]).all()
 
 
 needs_interpreter = pytest.mark.skipif(not (triton_available() and triton_interpreting()),

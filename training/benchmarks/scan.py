@@ -1,8 +1,10 @@
 """Benchmark "scan": the selective scan (mamba-ssm layout: variable B/C, with D, z, delta_bias, softplus).
 
 Rows: the reference (a Python loop over time; run once, only where it is affordable), the optimized scan (its
-branch in the `dispatch` column: torch-chunked on CPU; mamba_ssm.cuda or triton on CUDA), and on CUDA our Triton
-kernel called directly and mamba-ssm's `selective_scan_fn` as a peer when it loads. Throughput is the achieved
+branch in the `dispatch` column: cpu-compiled on CPU, which is what inference without autograd runs, else
+torch-chunked; mamba_ssm.cuda or triton on CUDA), on CPU the torch-chunked scan (the autograd path) called
+directly, and on CUDA our Triton kernel called directly and mamba-ssm's `selective_scan_fn` as a peer when it
+loads. Throughput is the achieved
 bandwidth over the memory floor's bytes (read u, delta, z, B, C; write out); `floor` is the floor time (bytes at
 the device's bandwidth) over the measured time. The note gives each row's speed-up over the reference, or its
 ratio to mamba-ssm.
@@ -66,6 +68,11 @@ def _rows_at(args: BenchArgs, batch: int, dim: int, n_state: int, length: int, d
                      repeat=args.repeat)
         note = f"{ref_ms / ms:.1f}x reference" if ref_ms is not None else ""
         rows.append(row("optimized", ms, opt.scan_dispatch(u), note))
+        if device.type == "cpu" and opt.scan_dispatch(u) != "torch-chunked":
+            ms = time_fn(lambda: opt.chunked_scan(u, delta, A, B, C, D, z, delta_bias, True, None), device,
+                         repeat=args.repeat)
+            note = f"{ref_ms / ms:.1f}x reference; the autograd path" if ref_ms is not None else "the autograd path"
+            rows.append(row("optimized:torch-chunked", ms, "torch-chunked", note))
         if device.type == "cuda":
             mamba_fn = opt._load_mamba_ssm()[0]
             mamba_ms = None
