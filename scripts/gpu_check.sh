@@ -11,6 +11,7 @@
 #   STAGES="tests ops" bash scripts/gpu_check.sh         # some of the stages: tests ops models (default all three)
 #   STAGES=emma bash scripts/gpu_check.sh                # EMMA's long-context recipe: optimized training to the end,
 #                                                        # then the reference on the same config for EMMA_REF_STEPS (1)
+#   STAGES=emma EMMA_IMPLS=reference EMMA_REF_TIMEOUT=560 bash scripts/gpu_check.sh  # the reference alone (one call)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -64,7 +65,7 @@ if stage ops; then
 echo "== op benchmarks"
 for op in ${OPS:-$(python3 scripts/bench.py --list)}; do
   # per-op limits: GPU_OP_TIMEOUT_<op> (deq, hopfield and titans time slow references and autotuning peers)
-  limit_var="GPU_OP_TIMEOUT_$op"; case "$op" in deq|hopfield|titans) default=150 ;; *) default=50 ;; esac
+  limit_var="GPU_OP_TIMEOUT_$op"; case "$op" in deq|hopfield|titans|scan_sweep) default=150 ;; *) default=50 ;; esac
   # each row also goes to stderr as it is measured ("# row: ..."): kept in the log, left out of the tables
   timeout "${!limit_var:-${GPU_OP_TIMEOUT:-$default}}" python3 scripts/bench.py --op "$op" --device cuda "${quick[@]}" \
     --json "$OUT/bench_op_$op.json" 2> >(tee -a "$OUT/bench_progress.log" >&2) | grep -v "^# memarch" \
@@ -88,7 +89,7 @@ done
 fi
 if stage emma; then
 echo "== EMMA emma_n8_len1024 (bf16 autocast): optimized to the end, reference for ${EMMA_REF_STEPS:-1} step(s)"
-for impl in optimized reference; do
+for impl in ${EMMA_IMPLS:-optimized reference}; do
   steps=(); [ "$impl" = reference ] && steps=(--max-steps "${EMMA_REF_STEPS:-1}" --set train.eval_batches=1)
   limit=$([ "$impl" = reference ] && echo "${EMMA_REF_TIMEOUT:-420}" || echo "${EMMA_TIMEOUT:-400}")
   timeout "$limit" python3 scripts/train.py --impl "$impl" --config configs/emma_n8_len1024.yaml \

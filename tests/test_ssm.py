@@ -604,3 +604,16 @@ def test_kernels_can_be_switched_off_by_name(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("MEMARCH_DISABLE_KERNELS", "all")
     assert not kernels.kernel_available(fake_cuda, "scan")
     assert not kernels.kernel_available(torch.zeros(1), "scan")  # CPU tensors never take a kernel by default
+
+
+def test_scan_benchmark_reports_the_compiled_and_the_autograd_paths_on_cpu() -> None:
+    from training.benchmarks import BenchArgs, discover
+
+    registry = discover()
+    rows = registry["scan"](BenchArgs(device=torch.device("cpu"), quick=True, repeat=1))
+    compiled = cpu_scan.unavailable_reason() == ""
+    first = [row.impl for row in rows[:3 if compiled else 2]]
+    assert first == ["reference", "optimized", "optimized:torch-chunked"][:len(first)]
+    assert rows[1].dispatch == ("cpu-compiled" if compiled else "torch-chunked")
+    assert all(row.ms > 0 for row in rows) and "x reference" in rows[1].note
+    assert registry["scan_sweep"](BenchArgs(device=torch.device("cpu"), quick=True, repeat=1)) == []  # CUDA only
