@@ -6,12 +6,12 @@ Dispatch (`scan_dispatch` names the branch; `scripts/bench.py` reports it):
   `selective_scan_cuda` and its `ops/selective_scan_interface.py` load (by file path: importing the package
   `mamba_ssm` itself needs more, see ENVIRONMENT.md);
 - ``triton``: other CUDA tensors in those dtypes, with Triton importable (`optimized/kernels/selective_scan.py`);
-- ``cpu-compiled``: CPU tensors when no gradient is needed (inference, `torch.no_grad()`, or no input requires
-  grad) and a C compiler is available: the recurrence compiled from `optimized/kernels/cpu_scan.c`, one pass
-  over time with the discretisation, D skip and z gate fused in (`optimized/kernels/cpu_scan.py` builds it on
-  first use; `MEMARCH_DISABLE_KERNELS=cpu_scan` switches it off);
-- ``torch-chunked``: everything else (CPU training, CUDA float64), the two-level chunked scan below
-  (`chunked_scan`), which autograd differentiates.
+- ``cpu-compiled``: CPU tensors when a C compiler is available: the recurrence compiled from
+  `optimized/kernels/cpu_scan.c`, one pass over time with the discretisation, D skip and z gate fused in, and
+  its adjoint for the backward (`optimized/kernels/cpu_scan.py` builds it on first use;
+  `MEMARCH_DISABLE_KERNELS=cpu_scan` switches it off);
+- ``torch-chunked``: everything else (CUDA float64, CUDA without Triton, a CPU without a C compiler), the
+  two-level chunked scan below (`chunked_scan`), which autograd differentiates.
 
 Tolerances against the float64 reference (tests/tolerances.py): float64 1e-10 for one scan; float32, the
 Triton kernel and the compiled CPU scan the long-scan (MODEL) tolerance 1e-4; bfloat16 5e-2.
@@ -80,8 +80,8 @@ def mamba_ssm_unavailable_reason() -> str:
 
 
 def scan_dispatch(u: Tensor, *operands: Tensor | None, initial_state: Tensor | None = None) -> str:
-    """The branch `selective_scan` takes for inputs like `u` (and `operands`, the other tensors of the call, which
-    decide whether a gradient is needed): "mamba_ssm.cuda", "triton", "cpu-compiled" or "torch-chunked"."""
+    """The branch `selective_scan` takes for inputs like `u` (`operands`: the call's other tensors, which must be
+    on u's device): "mamba_ssm.cuda", "triton", "cpu-compiled" or "torch-chunked"."""
     if u.is_cuda and u.dtype in _KERNEL_DTYPES:
         if initial_state is None and _load_mamba_ssm()[0] is not None:
             return "mamba_ssm.cuda"
@@ -207,7 +207,7 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
                    return_last_state: bool = False, *,
                    initial_state: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Implements `reference.ssm.selective_scan` (same signature, shapes and semantics), dispatching as the module
-    docstring says: on a CPU `chunked_scan` when a gradient is needed, else the compiled scan. Tolerances: see
+    docstring says (on a CPU the compiled scan, or `chunked_scan` where no C compiler is found). Tolerances: see
     the module docstring.
 
     On the mamba-ssm branch the last state carries no gradient (mamba-ssm's own limitation).

@@ -86,25 +86,39 @@ def _as_fn(impl: Any, case: Case) -> Callable[..., Any]:
 # ---------------------------------------------------------------------------------------------- equivalence
 
 @given(case=cases())
-def test_chunked_scan_matches_reference_in_float64(case: Case) -> None:
+def test_optimized_scan_matches_reference_in_float64(case: Case) -> None:
     assert_equivalent(_as_fn(ref, case), _as_fn(opt, case), _inputs(case), dtype=torch.float64)
 
 
 @given(case=cases())
-def test_chunked_scan_in_float32_matches_float64_reference(case: Case) -> None:
+def test_optimized_scan_in_float32_matches_float64_reference(case: Case) -> None:
     # a scan is a long chain of ops: the MODEL tolerance (tests/tolerances.py) applies
     assert_equivalent(_as_fn(ref, case), _as_fn(opt, case), _inputs(case), dtype=torch.float32, model=True)
 
 
+def _chunked_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                  D: torch.Tensor | None = None, z: torch.Tensor | None = None, delta_bias: torch.Tensor | None = None,
+                  delta_softplus: bool = False, return_last_state: bool = False, *,
+                  initial_state: torch.Tensor | None = None) -> Any:
+    """`chunked_scan` behind `selective_scan`'s signature (on a CPU with a compiler the dispatch takes the compiled
+    scan instead, so the torch path is called directly)."""
+    out, last = opt.chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+    return (out, last) if return_last_state else out
+
+
+SCAN_PATHS = pytest.mark.parametrize("scan", [opt.selective_scan, _chunked_scan], ids=["dispatch", "chunked"])
+
+
+@SCAN_PATHS
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_chunked_scan_is_stable_for_long_sequences_and_large_decays(dtype: torch.dtype) -> None:
+def test_scan_is_stable_for_long_sequences_and_large_decays(dtype: torch.dtype, scan: Callable[..., Any]) -> None:
     L = 4096
     u = make_tensor((1, 2, L), 0)
     delta = make_tensor((1, 2, L), 1, distribution="uniform").abs() * 40  # |Δ A| up to 1e3 per step
     A = -(make_tensor((2, 3), 2, distribution="uniform").abs() * 25 + 0.01)
     inputs = (u, delta, A, make_tensor((1, 3, L), 3), make_tensor((1, 3, L), 4))
     # outputs and every input's gradient finite and equal to the reference's
-    assert_equivalent(ref.selective_scan, opt.selective_scan, inputs, dtype=dtype, model=True)
+    assert_equivalent(ref.selective_scan, scan, inputs, dtype=dtype, model=True)
 
 
 @st.composite
@@ -121,20 +135,21 @@ def large_decay_inputs(draw: st.DrawFn) -> tuple[torch.Tensor | None, ...]:
     return u, delta, -torch.exp(a_log), B, C, D, z, None, h0
 
 
+@SCAN_PATHS
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @given(inputs=large_decay_inputs())
-def test_scan_gradients_stay_finite_and_exact_for_large_decays(dtype: torch.dtype,
+def test_scan_gradients_stay_finite_and_exact_for_large_decays(dtype: torch.dtype, scan: Callable[..., Any],
                                                                inputs: tuple[torch.Tensor | None, ...]) -> None:
     # regression: a closed form over log-cumulative decays (e^{α_t−α_s} split as e^{α_t−α_m}·e^{α_m−α_s}) gave
     # NaN gradients for delta and A here in float32 while its forward pass stayed finite
-    def fn(impl: Any) -> Callable[..., Any]:
-        def scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    def fn(selective_scan: Callable[..., Any]) -> Callable[..., Any]:
+        def call(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                  D: torch.Tensor | None, z: torch.Tensor | None, bias: torch.Tensor | None,
                  h0: torch.Tensor | None) -> Any:
-            return impl.selective_scan(u, delta, A, B, C, D, z, bias, False, True, initial_state=h0)
-        return scan
+            return selective_scan(u, delta, A, B, C, D, z, bias, False, True, initial_state=h0)
+        return call
 
-    assert_equivalent(fn(ref), fn(opt), inputs, dtype=dtype, model=dtype != torch.float64)
+    assert_equivalent(fn(ref.selective_scan), fn(scan), inputs, dtype=dtype, model=dtype != torch.float64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -162,15 +177,16 @@ def test_chunk_length_covers_the_sequence_with_little_padding(length: int, per_s
         assert chunk + n_chunks <= 2 * math.isqrt(length) + 3
 
 
-def test_chunked_scan_keeps_slow_decay_over_many_chunks() -> None:
-    # Δ A ≈ −1e-3: the state must survive hundreds of chunk boundaries (a dropped carry fails here)
+@SCAN_PATHS
+def test_scan_keeps_slow_decay_over_many_chunks(scan: Callable[..., Any]) -> None:
+    # Δ A ≈ −1e-3: the state must survive hundreds of chunk (or tile) boundaries (a dropped carry fails here)
     L = 400
     u = torch.zeros(1, 1, L, dtype=torch.float64)
     u[0, 0, 0] = 1.0
     delta = torch.full((1, 1, L), 1e-2, dtype=torch.float64)
     A = torch.full((1, 1), -0.1, dtype=torch.float64)
     B = C = torch.ones(1, 1, dtype=torch.float64)
-    out = opt.selective_scan(u, delta, A, B, C)
+    out = scan(u, delta, A, B, C)
     assert isinstance(out, torch.Tensor)
     expected = 1e-2 * torch.exp(-1e-3 * torch.arange(L, dtype=torch.float64))
     torch.testing.assert_close(out[0, 0], expected, rtol=1e-12, atol=0)
@@ -243,13 +259,9 @@ def test_scan_dispatch_on_cpu() -> None:
     reason = cpu_scan.unavailable_reason()
     if reason:
         print(f"compiled CPU scan unavailable: {reason}")
-    inference = "torch-chunked" if reason else "cpu-compiled"
-    assert opt.scan_dispatch(x) == inference
-    assert opt.scan_dispatch(x.double()) == inference
-    weight = torch.zeros(1, 1, requires_grad=True)
-    assert opt.scan_dispatch(x, weight) == "torch-chunked"  # a gradient is needed: the autograd path
-    with torch.no_grad():
-        assert opt.scan_dispatch(x, weight) == inference
+    expected = "torch-chunked" if reason else "cpu-compiled"
+    assert opt.scan_dispatch(x) == expected
+    assert opt.scan_dispatch(x.double(), torch.zeros(1, 1, requires_grad=True)) == expected  # with autograd too
 
 
 def test_the_compiled_cpu_scan_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -273,6 +285,8 @@ def _compiled(case: Case) -> Callable[..., Any]:
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @given(case=cases())
 def test_compiled_cpu_scan_matches_reference(dtype: torch.dtype, case: Case) -> None:
+    # forward and gradients, and the forward alone (no autograd graph, no checkpoints)
+    assert_equivalent(_as_fn(ref, case), _compiled(case), _inputs(case), dtype=dtype, model=dtype != torch.float64)
     assert_equivalent(_as_fn(ref, case), _compiled(case), _inputs(case), dtype=dtype, grad=False,
                       model=dtype != torch.float64)
 
@@ -286,22 +300,18 @@ def test_compiled_cpu_scan_over_time_tiles_channel_blocks_and_threads(dtype: tor
                                                                      groups: int, n_state: int, length: int,
                                                                      workers: int) -> None:
     # L beyond one 64-step tile (not a multiple of it), channel blocks of 32, 8, 2 and 1 (5 channels), groups of
-    # B/C rows across blocks, and the jobs split over several threads
+    # B/C rows across blocks, and the jobs split over several threads; forward and gradients
     for b_layout, c_layout in (("grouped", "per_step"), ("shared", "grouped"), ("per_step", "shared")):
         case = Case(batch=batch, dim=dim, n_state=n_state, length=length, b_layout=b_layout, c_layout=c_layout,
                     groups=groups, has_D=True, has_z=True, has_bias=True, softplus=True, last_state=True,
                     has_h0=True, seed=length)
-        u, delta, A, B, C, D, z, bias, h0 = (None if x is None else x.to(dtype) for x in _inputs(case))
-        assert u is not None and delta is not None and A is not None and B is not None and C is not None
-        def wide(x: torch.Tensor | None) -> torch.Tensor | None:
-            return None if x is None else x.double()
 
-        expected = ref.selective_scan(u.double(), delta.double(), A.double(), B.double(), C.double(), wide(D),
-                                      wide(z), wide(bias), True, True, initial_state=wide(h0))
-        out, last = cpu_scan.selective_scan_cpu(u, delta, A, B, C, D, z, bias, True, h0, dtype, workers=workers)
-        tol = 1e-10 if dtype == torch.float64 else 1e-4
-        torch.testing.assert_close(out.double(), expected[0], rtol=tol, atol=tol)
-        torch.testing.assert_close(last.double(), expected[1], rtol=tol, atol=tol)
+        def compiled(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                     D: torch.Tensor | None, z: torch.Tensor | None, bias: torch.Tensor | None,
+                     h0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+            return cpu_scan.selective_scan_cpu(u, delta, A, B, C, D, z, bias, True, h0, u.dtype, workers=workers)
+
+        assert_equivalent(_as_fn(ref, case), compiled, _inputs(case), dtype=dtype, model=dtype != torch.float64)
 
 
 @needs_compiled
@@ -616,4 +626,7 @@ def test_scan_benchmark_reports_the_compiled_and_the_autograd_paths_on_cpu() -> 
     assert first == ["reference", "optimized", "optimized:torch-chunked"][:len(first)]
     assert rows[1].dispatch == ("cpu-compiled" if compiled else "torch-chunked")
     assert all(row.ms > 0 for row in rows) and "x reference" in rows[1].note
+    training = [row for row in rows if row.impl.endswith("fwd+bwd")]
+    assert [row.impl for row in training[:2]] == ["reference fwd+bwd", "optimized fwd+bwd"]
+    assert "x reference" in training[1].note
     assert registry["scan_sweep"](BenchArgs(device=torch.device("cpu"), quick=True, repeat=1)) == []  # CUDA only

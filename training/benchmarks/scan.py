@@ -1,10 +1,10 @@
 """Benchmark "scan": the selective scan (mamba-ssm layout: variable B/C, with D, z, delta_bias, softplus).
 
 Rows: the reference (a Python loop over time; run once, only where it is affordable), the optimized scan (its
-branch in the `dispatch` column: cpu-compiled on CPU, which is what inference without autograd runs, else
-torch-chunked; mamba_ssm.cuda or triton on CUDA), on CPU the torch-chunked scan (the autograd path) called
-directly, and on CUDA our Triton kernel called directly and mamba-ssm's `selective_scan_fn` as a peer when it
-loads. Throughput is the achieved
+branch in the `dispatch` column: cpu-compiled on CPU where a C compiler is found, else torch-chunked;
+mamba_ssm.cuda or triton on CUDA), on CPU the torch-chunked scan called directly and the same three timed
+forward + backward, and on CUDA our Triton kernel called directly and mamba-ssm's `selective_scan_fn` as a peer
+when it loads. Throughput is the achieved
 bandwidth over the memory floor's bytes (read u, delta, z, B, C; write out); `floor` is the floor time (bytes at
 the device's bandwidth) over the measured time. The note gives each row's speed-up over the reference, or its
 ratio to mamba-ssm.
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
+from typing import cast
 
 import torch
 
@@ -72,8 +74,10 @@ def _rows_at(args: BenchArgs, batch: int, dim: int, n_state: int, length: int, d
         if device.type == "cpu" and opt.scan_dispatch(u) != "torch-chunked":
             ms = time_fn(lambda: opt.chunked_scan(u, delta, A, B, C, D, z, delta_bias, True, None), device,
                          repeat=args.repeat)
-            note = f"{ref_ms / ms:.1f}x reference; the autograd path" if ref_ms is not None else "the autograd path"
+            note = f"{ref_ms / ms:.1f}x reference" if ref_ms is not None else ""
             rows.append(row("optimized:torch-chunked", ms, "torch-chunked", note))
+    if device.type == "cpu":
+        rows += _training_rows(args, params, (u, delta, A, B, C, D, z, delta_bias), with_reference)
         if device.type == "cuda":
             mamba_fn = opt._load_mamba_ssm()[0]
             mamba_ms = None
@@ -88,6 +92,50 @@ def _rows_at(args: BenchArgs, batch: int, dim: int, n_state: int, length: int, d
             note = (f"{ms / mamba_ms:.2f}x mamba_ssm time" if mamba_ms is not None
                     else f"mamba_ssm absent: {opt.mamba_ssm_unavailable_reason()}")
             rows.append(row("optimized:triton", ms, "triton", note))
+    return rows
+
+
+def _training_rows(args: BenchArgs, params: str, inputs: tuple[torch.Tensor, ...],
+                   with_reference: bool) -> list[BenchRow]:
+    """CPU: forward + backward (the gradient of out.sum() for every input), reference (once), optimized and the
+    torch-chunked path."""
+    leaves = tuple(x.detach().clone().requires_grad_(True) for x in inputs)
+
+    def step(fn: Callable[..., torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            for x in leaves:
+                x.grad = None
+            fn(*leaves).sum().backward()
+        return run
+
+    def chunked(*x: torch.Tensor) -> torch.Tensor:
+        u, delta, A, B, C, D, z, bias = x
+        return opt.chunked_scan(u, delta, A, B, C, D, z, bias, True, None)[0]
+
+    def optimized(*x: torch.Tensor) -> torch.Tensor:
+        u, delta, A, B, C, D, z, bias = x
+        return cast(torch.Tensor, opt.selective_scan(u, delta, A, B, C, D, z, bias, True))
+
+    def reference(*x: torch.Tensor) -> torch.Tensor:
+        u, delta, A, B, C, D, z, bias = x
+        return cast(torch.Tensor, ref.selective_scan(u, delta, A, B, C, D, z, bias, True))
+
+    rows: list[BenchRow] = []
+    ref_ms: float | None = None
+    if with_reference:
+        start = time.perf_counter()
+        step(reference)()
+        ref_ms = (time.perf_counter() - start) * 1e3
+        rows.append(BenchRow(op=OP, impl="reference fwd+bwd", params=params, ms=ref_ms, dispatch="python-loop",
+                             note="run once"))
+    timed: list[tuple[str, Callable[..., torch.Tensor], str]] = [
+        ("optimized fwd+bwd", optimized, opt.scan_dispatch(inputs[0]))]
+    if timed[0][2] != "torch-chunked":
+        timed.append(("optimized:torch-chunked fwd+bwd", chunked, "torch-chunked"))
+    for impl, fn, dispatch in timed:
+        ms = time_fn(step(fn), args.device, repeat=args.repeat)
+        rows.append(BenchRow(op=OP, impl=impl, params=params, ms=ms, dispatch=dispatch,
+                             note=f"{ref_ms / ms:.1f}x reference" if ref_ms is not None else ""))
     return rows
 
 
