@@ -59,7 +59,7 @@ def cache_dir() -> Path:
 
 
 def _flags() -> list[str]:
-    flags = ["-O3", "-fno-trapping-math", "-fPIC", "-shared", "-std=c99"]
+    flags = ["-O3", "-fno-trapping-math", "-ffp-contract=fast", "-fPIC", "-shared", "-std=c99"]
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma"]
     return flags
