@@ -48,6 +48,7 @@ TILE = 64  # time steps per tile, as in cpu_scan.c
 _DTYPES = {torch.float32: 0, torch.float64: 1}
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
+_pool_pid = 0
 
 
 def cache_dir() -> Path:
@@ -129,10 +130,12 @@ def cpu_scan_available(*tensors: Tensor | None) -> bool:
 
 
 def _thread_pool() -> ThreadPoolExecutor:
-    global _pool
+    """The worker threads, made on first use and again in a forked child (whose copy of the pool has no threads)."""
+    global _pool, _pool_pid
     with _pool_lock:
-        if _pool is None:
+        if _pool is None or _pool_pid != os.getpid():
             _pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="memarch-scan")
+            _pool_pid = os.getpid()
         return _pool
 
 
