@@ -65,7 +65,7 @@ if stage ops; then
 echo "== op benchmarks"
 for op in ${OPS:-$(python3 scripts/bench.py --list)}; do
   # per-op limits: GPU_OP_TIMEOUT_<op> (deq, hopfield and titans time slow references and autotuning peers)
-  limit_var="GPU_OP_TIMEOUT_$op"; case "$op" in deq|hopfield|titans|scan_sweep) default=150 ;; *) default=50 ;; esac
+  limit_var="GPU_OP_TIMEOUT_$op"; case "$op" in deq|hopfield|titans|scan_sweep|titans_sweep) default=150 ;; *) default=50 ;; esac
   # each row also goes to stderr as it is measured ("# row: ..."): kept in the log, left out of the tables
   timeout "${!limit_var:-${GPU_OP_TIMEOUT:-$default}}" python3 scripts/bench.py --op "$op" --device cuda "${quick[@]}" \
     --json "$OUT/bench_op_$op.json" 2> >(tee -a "$OUT/bench_progress.log" >&2) | grep -v "^# memarch" \

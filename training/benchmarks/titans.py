@@ -162,6 +162,74 @@ def bench_titans(args: BenchArgs) -> list[BenchRow]:
                 rows.append(BenchRow(op="titans", impl="reference", params=f"{params} {mode} (per-token)",
                                      ms=ref_ms, dispatch="torch-loop", throughput=f"{tokens / ref_ms / 1e3:.3f} Mtok/s",
                                      note=f"optimized is {ref_ms / ms:.0f}x faster"))
-        if cuda:
-            rows.extend(_peer_rows(B, H, L, dk, dv, C, args, params))
+    # the peers last, every length: their autotuning takes minutes, and a run cut short still has all our rows
+    for L in lengths if cuda else []:
+        params = f"B={B} H={H} L={L} dk={dk} dv={dv} C={C} {str(dtype).removeprefix('torch.')}"
+        rows.extend(_peer_rows(B, H, L, dk, dv, C, args, params))
     return rows
+
+
+def _sweep_at(args: BenchArgs, L: int, knobs: bool) -> list[BenchRow]:
+    """`titans_sweep`'s rows at one length (the launch knobs only when `knobs`)."""
+    from optimized.kernels.titans import _io_dtype, _kernel_operands, titans_memory_triton
+
+    B, H, dk, dv, C = 4, 8, 128, 128, 64
+    params = f"B={B} H={H} L={L} dk={dk} dv={dv} C={C} bfloat16 fwd"
+    inputs = _inputs(B, H, L, dk, dv, torch.bfloat16, args.device, False)
+    q, k, v, alpha, eta, theta = inputs
+    rows: list[BenchRow] = []
+
+    def operands() -> Any:
+        return _kernel_operands(q, k, v, alpha, eta, theta, C, 0.0, _io_dtype(q, k, v))
+
+    def forward(block_v: int | None = None, warps: int = 4, stages: int = 2) -> Any:
+        return titans_memory_triton(q, k, v, alpha, eta, theta, chunk_size=C, block_v=block_v, num_warps=warps,
+                                    num_stages=stages)
+
+    with torch.no_grad():
+        operands_ms = _timed(operands, args)
+        default_out = forward()[0].float()
+        whole_ms = _timed(forward, args)
+    rows.append(BenchRow(op="titans_sweep", impl="optimized: torch operands", params=params, ms=operands_ms,
+                         dispatch="torch", note=f"{operands_ms / whole_ms:.0%} of the forward"))
+    rows.append(BenchRow(op="titans_sweep", impl="optimized: forward (default launch)", params=params, ms=whole_ms,
+                         dispatch="triton", throughput=f"{B * L / whole_ms / 1e3:.3f} Mtok/s"))
+    if not knobs:
+        return rows
+    timed: list[tuple[float, int, int, int]] = []
+
+    def launch(block_v: int, warps: int, stages: int) -> None:
+        label = f"{params} block_v={block_v} warps={warps} stages={stages}"
+        try:
+            with torch.no_grad():
+                error = (forward(block_v, warps, stages)[0].float() - default_out).abs().max().item()
+                ms = _timed(lambda: forward(block_v, warps, stages), args)
+        except Exception as failure:  # a launch that does not compile or fit: reported, not fatal
+            rows.append(BenchRow(op="titans_sweep", impl="optimized:triton", params=label, ms=float("nan"),
+                                 dispatch="triton", note=f"failed: {type(failure).__name__}: {failure}"[:200]))
+            return
+        timed.append((ms, block_v, warps, stages))
+        rows.append(BenchRow(op="titans_sweep", impl="optimized:triton", params=label, ms=ms, dispatch="triton",
+                             throughput=f"{B * L / ms / 1e3:.3f} Mtok/s", note=f"max |Δ| vs default {error:.1e}"))
+
+    for block_v in (16, 32, 64):
+        for warps in (2, 4, 8):
+            launch(block_v, warps, 2)
+    if timed:
+        _, block_v, warps, _ = min(timed)
+        for stages in (1, 3):
+            launch(block_v, warps, stages)
+    return rows
+
+
+@register("titans_sweep")
+def bench_titans_sweep(args: BenchArgs) -> list[BenchRow]:
+    """CUDA only (no rows on CPU): where the Triton forward's time goes and which launch knobs suit this GPU.
+    At B=4 H=8 d_k=d_v=128 C=64 bf16 and L ∈ {2048, 8192}: the torch part alone (`_kernel_operands`: the chunk
+    coefficients and the state-independent P, Z, y_c) and the whole forward; then at the longest length the
+    forward over value columns per program × warps (2 stages), and the fastest of those at 1 and 3 stages, each
+    checked against the default launch's output."""
+    if args.device.type != "cuda":
+        return []
+    lengths = [2048] if args.quick else [2048, 8192]
+    return [row for L in lengths for row in _sweep_at(args, L, knobs=L == lengths[-1])]
