@@ -631,3 +631,24 @@ def test_scan_benchmark_reports_the_compiled_and_the_autograd_paths_on_cpu() -> 
     assert [row.impl for row in training[:2]] == ["reference fwd+bwd", "optimized fwd+bwd"]
     assert "x reference" in training[1].note
     assert registry["scan_sweep"](BenchArgs(device=torch.device("cpu"), quick=True, repeat=1)) == []  # CUDA only
+
+
+def test_torch_compile_runs_through_the_scan_and_matches_eager() -> None:
+    # on a CPU with a compiler the compiled C scan runs eagerly inside the graph (a graph break), grads included
+    case = Case(batch=1, dim=4, n_state=3, length=70, b_layout="per_step", c_layout="per_step", groups=1, has_D=True,
+                has_z=True, has_bias=True, softplus=True, last_state=False, has_h0=False, seed=5)
+    inputs = [x.requires_grad_(True) for x in _inputs(case)[:8] if x is not None]
+
+    def loss(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+             D: torch.Tensor, z: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        out = opt.selective_scan(u, delta, A, B, C, D, z, bias, True)
+        assert isinstance(out, torch.Tensor)
+        return (out * out).sum()
+
+    eager = loss(*inputs)
+    eager_grads = torch.autograd.grad(eager, inputs)
+    compiled = torch.compile(loss, backend="eager")(*inputs)
+    compiled_grads = torch.autograd.grad(compiled, inputs)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    for got, want in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

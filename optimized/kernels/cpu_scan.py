@@ -33,7 +33,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -49,6 +49,15 @@ _DTYPES = {torch.float32: 0, torch.float64: 1}
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = 0
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _eager(fn: _F) -> _F:
+    """`torch.compiler.disable`, typed: ctypes, files and a compiler run eagerly, outside any torch.compile graph
+    (a graph break where a compiled model calls the scan)."""
+    return cast(_F, torch.compiler.disable(fn))
 
 
 def cache_dir() -> Path:
@@ -115,6 +124,7 @@ def _build() -> tuple[tuple[ctypes.CDLL, ctypes.CDLL] | None, str]:
     return (libraries[0], libraries[1]), ""
 
 
+@_eager
 def unavailable_reason() -> str:
     """Why the compiled CPU scan cannot run here ("" when it can)."""
     if "cpu_scan" in kernels_disabled() or "all" in kernels_disabled():
@@ -122,6 +132,7 @@ def unavailable_reason() -> str:
     return _build()[1]
 
 
+@_eager
 def cpu_scan_available(*tensors: Tensor | None) -> bool:
     """Whether `selective_scan_cpu` takes these inputs: all on the CPU, and the library builds here."""
     if any(t is not None and t.device.type != "cpu" for t in tensors):
@@ -256,6 +267,7 @@ class _CompiledScan(torch.autograd.Function):
                 None if g_d is None else g_d.sum(0), g_z, g_h0 if ctx.has_h0 else None)
 
 
+@_eager
 def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
                        z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool,
                        initial_state: Tensor | None, work: torch.dtype, *,
