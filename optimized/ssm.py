@@ -80,8 +80,9 @@ def mamba_ssm_unavailable_reason() -> str:
 
 
 def scan_dispatch(u: Tensor, *operands: Tensor | None, initial_state: Tensor | None = None) -> str:
-    """The branch `selective_scan` takes for inputs like `u` (`operands`: the call's other tensors, which must be
-    on u's device): "mamba_ssm.cuda", "triton", "cpu-compiled" or "torch-chunked"."""
+    """The branch `selective_scan` takes for inputs like `u`: "mamba_ssm.cuda", "triton", "cpu-compiled" or
+    "torch-chunked". `operands`, the call's other tensors: the compiled CPU scan reads raw pointers, so it takes
+    the call only when every tensor is on the CPU (a stray CUDA tensor goes to torch, which names the mismatch)."""
     if u.is_cuda and u.dtype in _KERNEL_DTYPES:
         if initial_state is None and _load_mamba_ssm()[0] is not None:
             return "mamba_ssm.cuda"

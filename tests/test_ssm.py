@@ -652,3 +652,10 @@ def test_torch_compile_runs_through_the_scan_and_matches_eager() -> None:
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
     for got, want in zip(compiled_grads, eager_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_the_compiled_cpu_scan_never_takes_a_call_with_a_tensor_off_the_cpu() -> None:
+    # it reads raw pointers: one tensor elsewhere (here the meta device) must send the call to the torch path
+    x = torch.zeros(1, 2, 3)
+    assert opt.scan_dispatch(x, torch.zeros(2, 4, device="meta")) == "torch-chunked"
+    assert opt.scan_dispatch(x, initial_state=torch.zeros(1, 2, 4, device="meta")) == "torch-chunked"
