@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = registry[name](bench_args)
         all_rows.extend(rows)
         print(f"\n## {name}\n")
-        print(format_table(rows), flush=True)
+        print(format_table(rows) if rows else f"(no rows on {device.type}: this benchmark needs CUDA)", flush=True)
     for name in models:
         rows = bench_models([name], bench_args)
         all_rows.extend(rows)
