@@ -659,3 +659,16 @@ def test_the_compiled_cpu_scan_never_takes_a_call_with_a_tensor_off_the_cpu() ->
     x = torch.zeros(1, 2, 3)
     assert opt.scan_dispatch(x, torch.zeros(2, 4, device="meta")) == "torch-chunked"
     assert opt.scan_dispatch(x, initial_state=torch.zeros(1, 2, 4, device="meta")) == "torch-chunked"
+
+
+@pytest.mark.gpu
+def test_scan_benchmark_on_cuda_reports_the_kernel_the_peer_and_training_rows() -> None:
+    from training.benchmarks import BenchArgs, discover
+
+    registry = discover()
+    rows = registry["scan"](BenchArgs(device=torch.device("cuda"), quick=True, repeat=1))
+    impls = [row.impl for row in rows]
+    assert {"reference", "optimized", "optimized:triton", "optimized fwd+bwd"} <= set(impls)
+    assert ("peer:mamba_ssm" in impls) == (opt.mamba_ssm_unavailable_reason() == "")
+    sweep = registry["scan_sweep"](BenchArgs(device=torch.device("cuda"), quick=True, repeat=1))
+    assert sweep and all(row.ms > 0 and "max |Δ|" in row.note for row in sweep)

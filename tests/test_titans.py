@@ -453,3 +453,14 @@ def test_memory_stays_bounded_on_a_long_stream_of_repeated_tokens() -> None:
             state = out.state
             v_max = float(mem.v_proj(x).view(2, 128, 2, 16).norm(dim=-1).max())
             assert float(out.stats["M_norm"]) < 3 * v_max
+
+
+@pytest.mark.gpu
+def test_titans_sweep_benchmark_on_cuda_times_the_operands_and_every_launch() -> None:
+    from training.benchmarks import BenchArgs, discover
+
+    rows = discover()["titans_sweep"](BenchArgs(device=torch.device("cuda"), quick=True, repeat=1))
+    impls = [row.impl for row in rows]
+    assert impls[:2] == ["optimized: torch operands", "optimized: forward (default launch)"]
+    launches = rows[2:]
+    assert len(launches) == 11 and all(row.ms > 0 and "max |Δ|" in row.note for row in launches)

@@ -76,8 +76,6 @@ def _rows_at(args: BenchArgs, batch: int, dim: int, n_state: int, length: int, d
                          repeat=args.repeat)
             note = f"{ref_ms / ms:.1f}x reference" if ref_ms is not None else ""
             rows.append(row("optimized:torch-chunked", ms, "torch-chunked", note))
-    if device.type == "cpu":
-        rows += _training_rows(args, params, (u, delta, A, B, C, D, z, delta_bias), with_reference)
         if device.type == "cuda":
             mamba_fn = opt._load_mamba_ssm()[0]
             mamba_ms = None
@@ -92,13 +90,18 @@ def _rows_at(args: BenchArgs, batch: int, dim: int, n_state: int, length: int, d
             note = (f"{ms / mamba_ms:.2f}x mamba_ssm time" if mamba_ms is not None
                     else f"mamba_ssm absent: {opt.mamba_ssm_unavailable_reason()}")
             rows.append(row("optimized:triton", ms, "triton", note))
+    # forward + backward: on a CPU beside the reference; on CUDA once, at the shortest length in fp32 (the Triton
+    # scan's backward recomputes with the torch chunked scan: this row says what that costs)
+    if device.type == "cpu" or (with_reference and dtype == torch.float32):
+        rows += _training_rows(args, params, (u, delta, A, B, C, D, z, delta_bias),
+                               with_reference and device.type == "cpu")
     return rows
 
 
 def _training_rows(args: BenchArgs, params: str, inputs: tuple[torch.Tensor, ...],
                    with_reference: bool) -> list[BenchRow]:
-    """CPU: forward + backward (the gradient of out.sum() for every input), reference (once), optimized and the
-    torch-chunked path."""
+    """Forward + backward (the gradient of out.sum() for every input): the reference (once, when asked), the
+    optimized scan, and the torch chunked scan where the optimized one is another branch."""
     leaves = tuple(x.detach().clone().requires_grad_(True) for x in inputs)
 
     def step(fn: Callable[..., torch.Tensor]) -> Callable[[], None]:
