@@ -63,7 +63,7 @@ fi
 
 if stage ops; then
 echo "== op benchmarks"
-for op in ${OPS:-$(python3 scripts/bench.py --list)}; do
+for op in ${OPS:-$(python3 scripts/bench.py --list | grep -v _sweep)}; do  # the *_sweep tuning runs only when named
   # per-op limits: GPU_OP_TIMEOUT_<op> (deq, hopfield and titans time slow references and autotuning peers)
   limit_var="GPU_OP_TIMEOUT_$op"; case "$op" in deq|hopfield|titans|scan_sweep|titans_sweep) default=150 ;; *) default=50 ;; esac
   # each row also goes to stderr as it is measured ("# row: ..."): kept in the log, left out of the tables
