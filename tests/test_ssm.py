@@ -672,3 +672,24 @@ def test_scan_benchmark_on_cuda_reports_the_kernel_the_peer_and_training_rows() 
     assert ("peer:mamba_ssm" in impls) == (opt.mamba_ssm_unavailable_reason() == "")
     sweep = registry["scan_sweep"](BenchArgs(device=torch.device("cuda"), quick=True, repeat=1))
     assert sweep and all(row.ms > 0 and "max |Δ|" in row.note for row in sweep)
+
+
+def test_a_failed_build_falls_back_to_the_torch_scan_and_says_why_once(monkeypatch: pytest.MonkeyPatch,
+                                                                       tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("MEMARCH_CACHE_DIR", str(blocker / "cache"))  # cannot be created: a file is in the way
+    cpu_scan._build.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="compiled CPU selective scan is unavailable .*slower torch path"):
+            reason = cpu_scan.unavailable_reason()
+        assert "failed" in reason and "not-a-directory" in reason
+        assert opt.scan_dispatch(torch.zeros(1, 1, 1)) == "torch-chunked"
+        u = make_tensor((1, 2, 5), 0)
+        out = opt.selective_scan(u, u.abs(), -torch.ones(2, 3, dtype=u.dtype), make_tensor((1, 3, 5), 1),
+                                 make_tensor((1, 3, 5), 2))
+        expected = ref.selective_scan(u, u.abs(), -torch.ones(2, 3, dtype=u.dtype), make_tensor((1, 3, 5), 1),
+                                      make_tensor((1, 3, 5), 2))
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    finally:
+        cpu_scan._build.cache_clear()  # the next call builds (or finds) the library in the real cache again

@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -81,7 +82,16 @@ def _compiler() -> str | None:
 
 @functools.cache
 def _build() -> tuple[tuple[ctypes.CDLL, ctypes.CDLL] | None, str]:
-    """The (float, double) libraries, or None and the reason they cannot be had."""
+    """The (float, double) libraries, or None and the reason they cannot be had (said once per process, as a
+    warning: the scan then runs its slower torch path)."""
+    libraries, reason = _try_build()
+    if libraries is None:
+        warnings.warn(f"memarch: the compiled CPU selective scan is unavailable ({reason}); the CPU scan uses its "
+                      "slower torch path (optimized.ssm.chunked_scan)", RuntimeWarning, stacklevel=2)
+    return libraries, reason
+
+
+def _try_build() -> tuple[tuple[ctypes.CDLL, ctypes.CDLL] | None, str]:
     compiler = _compiler()
     if compiler is None:
         return None, "no C compiler found (set CC, or install gcc or clang)"
