@@ -15,8 +15,9 @@ reports AVX2; no -ffast-math: IEEE semantics everywhere, and exp is the file's o
 releases the GIL, so `torch.get_num_threads()` Python threads split the jobs.
 
 If no compiler is found or the build fails, `unavailable_reason()` says why (a RuntimeWarning says it once per
-process) and `optimized.ssm` keeps its torch path; `MEMARCH_DISABLE_KERNELS=cpu_scan` switches this path off. Tolerances against the float64 reference:
-float64 1e-10 as the other scan paths; float32 within the MODEL tolerance (the exp is within 2 ulp).
+process) and `optimized.ssm` keeps its torch path; `MEMARCH_DISABLE_KERNELS=cpu_scan` switches this path off.
+Tolerances against the float64 reference: float64 1e-10 as the other scan paths; float32 within the MODEL
+tolerance (the exp is within 2 ulp).
 """
 
 from __future__ import annotations
