@@ -32,6 +32,7 @@ from reference.deq_solvers import (
     Map,
     SolverInfo,
     StopFn,
+    autocast_off,
     call_map,
     call_stop,
     energy_stop,
@@ -219,21 +220,23 @@ def anderson(f: Map, z0: Tensor, *, tol: float = 1e-4, max_iter: int = 50, m: in
         active = tracker.observe(k, z, fz)
         if k == max_iter or tracker.should_stop(k):
             break
-        X, F = [*X, z.flatten(1).to(wt)][-m:], [*F, fz.flatten(1).to(wt)][-m:]
-        n = len(X)
-        Xs, Fs = torch.stack(X, 1), torch.stack(F, 1)  # (B, n, N)
-        G = Fs - Xs
-        A = G @ G.transpose(1, 2)  # (B, n, n)
-        s = torch.clamp(A.diagonal(dim1=1, dim2=2).sum(1) / n, min=torch.finfo(wt).tiny)  # (B,)
-        A = A / s[:, None, None] + lam * torch.eye(n, dtype=wt, device=z.device)
-        ones = torch.ones(B, n, 1, dtype=wt, device=z.device)
-        K = torch.cat([torch.cat([torch.zeros(B, 1, 1, dtype=wt, device=z.device), ones.transpose(1, 2)], 2),
-                       torch.cat([ones, A], 2)], 1)  # (B, n+1, n+1)
-        rhs = torch.zeros(B, n + 1, dtype=wt, device=z.device)
-        rhs[:, 0] = 1.0
-        alpha = torch.linalg.solve_ex(K, rhs)[0][:, 1:]  # (B, n)
-        new = beta * torch.einsum("bn,bnd->bd", alpha, Fs) + (1.0 - beta) * torch.einsum("bn,bnd->bd", alpha, Xs)
-        z = _keep(active, new.to(z.dtype).view(z.shape), z)
+        with autocast_off(z.device):  # [DEQ-6a] the mixing in the work dtype
+            X, F = [*X, z.flatten(1).to(wt)][-m:], [*F, fz.flatten(1).to(wt)][-m:]
+            n = len(X)
+            Xs, Fs = torch.stack(X, 1), torch.stack(F, 1)  # (B, n, N)
+            G = Fs - Xs
+            A = G @ G.transpose(1, 2)  # (B, n, n)
+            s = torch.clamp(A.diagonal(dim1=1, dim2=2).sum(1) / n, min=torch.finfo(wt).tiny)  # (B,)
+            A = A / s[:, None, None] + lam * torch.eye(n, dtype=wt, device=z.device)
+            ones = torch.ones(B, n, 1, dtype=wt, device=z.device)
+            K = torch.cat([torch.cat([torch.zeros(B, 1, 1, dtype=wt, device=z.device), ones.transpose(1, 2)], 2),
+                           torch.cat([ones, A], 2)], 1)  # (B, n+1, n+1)
+            rhs = torch.zeros(B, n + 1, dtype=wt, device=z.device)
+            rhs[:, 0] = 1.0
+            alpha = torch.linalg.solve_ex(K, rhs)[0][:, 1:]  # (B, n)
+            new = (beta * torch.einsum("bn,bnd->bd", alpha, Fs)
+                   + (1.0 - beta) * torch.einsum("bn,bnd->bd", alpha, Xs))
+            z = _keep(active, new.to(z.dtype).view(z.shape), z)
     return tracker.finish(policy, max_iter)
 
 
@@ -263,22 +266,23 @@ def broyden(f: Map, z0: Tensor, *, tol: float = 1e-4, max_iter: int = 50, policy
         active = tracker.observe(k, z, fz)
         if k == max_iter or tracker.should_stop(k):
             break
-        g = (fz - z).flatten(1).to(wt)  # (B, N)
-        U, V = (torch.stack(Us, 1), torch.stack(Vs, 1)) if Us else (None, None)  # (B, j, N)
-        if z_prev is not None and g_prev is not None:
-            s = (z.flatten(1).to(wt) - z_prev)  # (B, N)
-            y = g - g_prev
-            Hy = apply_h(y, U, V)
-            sH = apply_h(s, V, U)  # Hᵀ s
-            den = (s * Hy).sum(1)  # (B,)
-            ok = active & (den.abs() > torch.finfo(wt).eps * s.norm(dim=1) * Hy.norm(dim=1))
-            scale = torch.where(ok, 1.0 / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(den))
-            Us.append(scale[:, None] * (s - Hy))
-            Vs.append(sH)
-            U, V = torch.stack(Us, 1), torch.stack(Vs, 1)
-        step = apply_h(g, U, V)  # (B, N)
-        z_prev, g_prev = z.flatten(1).to(wt), g
-        z = _keep(active, (z.flatten(1).to(wt) - step).to(z.dtype).view(z.shape), z)
+        with autocast_off(z.device):  # [DEQ-6a] the update in the work dtype
+            g = (fz - z).flatten(1).to(wt)  # (B, N)
+            U, V = (torch.stack(Us, 1), torch.stack(Vs, 1)) if Us else (None, None)  # (B, j, N)
+            if z_prev is not None and g_prev is not None:
+                s = (z.flatten(1).to(wt) - z_prev)  # (B, N)
+                y = g - g_prev
+                Hy = apply_h(y, U, V)
+                sH = apply_h(s, V, U)  # Hᵀ s
+                den = (s * Hy).sum(1)  # (B,)
+                ok = active & (den.abs() > torch.finfo(wt).eps * s.norm(dim=1) * Hy.norm(dim=1))
+                scale = torch.where(ok, 1.0 / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(den))
+                Us.append(scale[:, None] * (s - Hy))
+                Vs.append(sH)
+                U, V = torch.stack(Us, 1), torch.stack(Vs, 1)
+            step = apply_h(g, U, V)  # (B, N)
+            z_prev, g_prev = z.flatten(1).to(wt), g
+            z = _keep(active, (z.flatten(1).to(wt) - step).to(z.dtype).view(z.shape), z)
     return tracker.finish(policy, max_iter)
 
 

@@ -10,6 +10,7 @@ and `SolverInfo` are shared with `optimized/deq_solvers.py`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
@@ -97,6 +98,13 @@ def validate_anderson_args(m: int, beta: float, lam: float, fn: str) -> None:
         raise ConfigError(f"{fn}: beta (Anderson damping) must lie in (0, 1], got {beta!r}")
     if not lam >= 0.0:
         raise ConfigError(f"{fn}: lam (Anderson regularisation) must be >= 0, got {lam!r}")
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """[DEQ-6a] A block with autocast disabled on `device` (a no-op where autocast does not exist, e.g. meta)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def call_map(f: Map, z: Tensor, step: int, fn: str) -> Tensor:
@@ -259,15 +267,18 @@ def anderson(f: Map, z0: Tensor, *, tol: float = 1e-4, max_iter: int = 50, m: in
     validate_solve_args(z0, tol, max_iter, policy, fn)
     validate_anderson_args(m, beta, lam, fn)
     tracker = _Tracker(z0, tol, stop_fn, fn)
-    X: list[Tensor] = []  # past iterates, oldest first, each (B, *S)
-    F: list[Tensor] = []  # f of each
+    # [DEQ-6a] the mixing runs in at least float32 (`wt`) with autocast off, whatever f returns (bf16 under
+    # autocast); each new iterate keeps z's dtype, as in the optimized solver
+    wt = torch.promote_types(z0.dtype, torch.float32)
+    X: list[Tensor] = []  # past iterates, oldest first, each (B, *S) in wt
+    F: list[Tensor] = []  # f of each, in wt
     z = z0
     for k in range(max_iter + 1):
         fz = call_map(f, z, k, fn)
         active = tracker.observe(k, z, fz)
         if k == max_iter or not bool(active.any()):
             break
-        X, F = [*X, z][-m:], [*F, fz][-m:]
+        X, F = [*X, z.to(wt)][-m:], [*F, fz.to(wt)][-m:]
         new = []
         for b in range(z.shape[0]):
             if not bool(active[b]):
@@ -275,9 +286,10 @@ def anderson(f: Map, z0: Tensor, *, tol: float = 1e-4, max_iter: int = 50, m: in
                 continue
             Xb = torch.stack([x[b].flatten() for x in X])  # (n, N)
             Fb = torch.stack([y[b].flatten() for y in F])  # (n, N)
-            alpha = anderson_weights(Fb - Xb, lam)  # (n,)
-            zb = beta * (alpha @ Fb) + (1.0 - beta) * (alpha @ Xb)  # (N,)
-            new.append(zb.view(z.shape[1:]))
+            with autocast_off(z.device):
+                alpha = anderson_weights(Fb - Xb, lam)  # (n,)
+                zb = beta * (alpha @ Fb) + (1.0 - beta) * (alpha @ Xb)  # (N,)
+            new.append(zb.to(z.dtype).view(z.shape[1:]))
         z = _keep(active, torch.stack(new), z)
     return tracker.finish(policy, max_iter)
 
@@ -293,7 +305,10 @@ def broyden(f: Map, z0: Tensor, *, tol: float = 1e-4, max_iter: int = 50, policy
     validate_solve_args(z0, tol, max_iter, policy, fn)
     tracker = _Tracker(z0, tol, stop_fn, fn)
     B, N = z0.shape[0], z0[0].numel()
-    H = -torch.eye(N, dtype=z0.dtype, device=z0.device).expand(B, N, N)  # (B, N, N)
+    # [DEQ-6a] the quasi-Newton algebra runs in at least float32 (`wt`) with autocast off, whatever f returns
+    # (bf16 under autocast); each new iterate keeps z's dtype, as in the optimized solver
+    wt = torch.promote_types(z0.dtype, torch.float32)
+    H = -torch.eye(N, dtype=wt, device=z0.device).expand(B, N, N)  # (B, N, N)
     z = z0
     z_prev: Tensor | None = None
     g_prev: Tensor | None = None
@@ -302,19 +317,20 @@ def broyden(f: Map, z0: Tensor, *, tol: float = 1e-4, max_iter: int = 50, policy
         active = tracker.observe(k, z, fz)
         if k == max_iter or not bool(active.any()):
             break
-        g = (fz - z).flatten(1)  # (B, N)
-        if z_prev is not None and g_prev is not None:
-            s = (z - z_prev).flatten(1)  # (B, N)
-            y = g - g_prev  # (B, N)
-            Hy = torch.einsum("bij,bj->bi", H, y)
-            sH = torch.einsum("bi,bij->bj", s, H)
-            den = (s * Hy).sum(1)  # (B,)
-            ok = active & (den.abs() > torch.finfo(z.dtype).eps * s.norm(dim=1) * Hy.norm(dim=1))
-            scale = torch.where(ok, 1.0 / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(den))
-            H = H + scale[:, None, None] * (s - Hy)[:, :, None] * sH[:, None, :]
-        step = torch.einsum("bij,bj->bi", H, g)  # (B, N)
-        z_prev, g_prev = z, g
-        z = _keep(active, z - step.view(z.shape), z)
+        with autocast_off(z.device):
+            g = (fz.to(wt) - z.to(wt)).flatten(1)  # (B, N)
+            if z_prev is not None and g_prev is not None:
+                s = (z.to(wt) - z_prev.to(wt)).flatten(1)  # (B, N)
+                y = g - g_prev  # (B, N)
+                Hy = torch.einsum("bij,bj->bi", H, y)
+                sH = torch.einsum("bi,bij->bj", s, H)
+                den = (s * Hy).sum(1)  # (B,)
+                ok = active & (den.abs() > torch.finfo(wt).eps * s.norm(dim=1) * Hy.norm(dim=1))
+                scale = torch.where(ok, 1.0 / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(den))
+                H = H + scale[:, None, None] * (s - Hy)[:, :, None] * sH[:, None, :]
+            step = torch.einsum("bij,bj->bi", H, g)  # (B, N)
+            z_prev, g_prev = z, g
+            z = _keep(active, (z.to(wt) - step.view(z.shape)).to(z.dtype), z)
     return tracker.finish(policy, max_iter)
 
 

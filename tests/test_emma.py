@@ -9,6 +9,7 @@ import dataclasses
 import itertools
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 
 import optimized.emma as opt
 import reference.emma as ref
+from reference.deq_solvers import ConvergenceWarning
 from reference.validation import ConfigError, DTypeError, ShapeError
 from tests.causality import assert_causal
 from tests.equivalence import assert_equivalent, assert_modules_equivalent, assert_same_parameters
@@ -285,7 +287,7 @@ def test_optimized_emma_matches_reference_on_cuda(dtype: torch.dtype) -> None:
 def test_emma_training_step_runs_under_bf16_autocast_on_cuda(impl: str) -> None:
     # `train.autocast: bf16` on CUDA: the write loss's BCE on gate probabilities is banned under CUDA autocast, so
     # it runs in float32 outside it; the step's loss and gradients must be finite
-    r, o = models(small_config(deq_tol=1e-3, deq_max_iter=30), 25)
+    r, o = models(small_config(deq_tol=1e-3, deq_max_iter=30, write_loss_weight=1.0), 25)
     model = (r if impl == "reference" else o).to("cuda").train()
     x, y = needle_batch(4)
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -295,5 +297,26 @@ def test_emma_training_step_runs_under_bf16_autocast_on_cuda(impl: str) -> None:
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.cuda().flatten(),
                                                  ignore_index=-100) + out["aux_loss"]
     loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson", "broyden"])
+@pytest.mark.parametrize("impl", ["reference", "optimized"])
+def test_emma_training_step_runs_under_cpu_bf16_autocast_with_every_solver(impl: str, solver: str) -> None:
+    """Under autocast f returns bfloat16 while the solve starts from float32: every solver must mix its history in
+    at least float32 (the reference's Anderson once multiplied float32 weights into bfloat16 iterates and raised,
+    its Broyden mixed dtypes in the H update). Loss and gradients must be finite."""
+    r, o = models(small_config(deq_tol=1e-3, deq_max_iter=30, write_loss_weight=1.0, deq_solver=solver), 25)
+    model = (r if impl == "reference" else o).train()
+    x, y = needle_batch(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a loose tol: the adjoint solve may stop short
+        out = model(x)
+        loss = torch.nn.functional.cross_entropy(out["logits"].float().flatten(0, 1), y.flatten(),
+                                                 ignore_index=-100) + out["aux_loss"]
+    with warnings.catch_warnings():  # backward outside autocast, as training runs it
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

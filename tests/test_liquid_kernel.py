@@ -153,7 +153,10 @@ def test_triton_kernels_compile_for_h100_without_a_gpu() -> None:
 def test_cuda_kernel_matches_the_torch_loop(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, B: int, L: int,
                                             H: int, unfolds: int) -> None:
     """The module on CUDA, kernel vs torch loop (`MEMARCH_DISABLE_KERNELS=liquid`), outputs and parameter
-    gradients; both compute in float32 (bfloat16 inputs are upcast), so the float32 model tolerance applies."""
+    gradients; both compute in float32 (bfloat16 inputs are upcast), so the float32 model tolerance applies to
+    every float32 tensor (the parameter gradients). A bfloat16 output is that float32 result rounded once to
+    bfloat16: values within float32 error of a rounding boundary land one bfloat16 ulp apart (2⁻⁸ relative), so
+    those tensors are held to bfloat16's own tolerance."""
     cell = opt.LiquidCell(16, H, ode_unfolds=unfolds, seed=3).cuda()
     x = make_tensor((B, L, 16), 4, dtype=torch.float32).to("cuda", dtype)
     h0 = make_tensor((B, H), 5, dtype=torch.float32, distribution="uniform").to("cuda", dtype)
@@ -167,10 +170,10 @@ def test_cuda_kernel_matches_the_torch_loop(monkeypatch: pytest.MonkeyPatch, dty
         (states.float() * cot).sum().backward()
         results.append([states, last, *(p.grad.clone() for p in cell.parameters() if p.grad is not None)])
     assert opt.liquid_dispatch(x, H) == "torch"
-    tol = tolerance(torch.float32, model=True)
     for i, (k, t) in enumerate(zip(*results, strict=True)):
         assert k.dtype == t.dtype
-        assert_close_scaled(k, t, tol, f"tensor {i} ({dtype})")
+        tol = tolerance(torch.float32, model=True) if k.dtype == torch.float32 else tolerance(k.dtype)
+        assert_close_scaled(k, t, tol, f"tensor {i} ({k.dtype}, inputs {dtype})")
 
 
 @pytest.mark.gpu

@@ -251,11 +251,21 @@ def _kernel_operands(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor
     return k_io, v_io, P, Z, y_c, vecs, scalars
 
 
+def _check_stages(num_stages: int) -> None:
+    """num_stages=1 (no software pipelining) made the forward fault with an illegal memory access under Triton
+    3.6 on an H200 (block_v=16, 4 warps, bf16, L=2048: `scripts/bench.py --op titans_sweep`); the cause is not
+    diagnosed, so both kernels refuse it rather than corrupt the CUDA context."""
+    if num_stages < 2:
+        raise ValueError(f"titans kernel: num_stages must be >= 2, got {num_stages} (num_stages=1 faulted with an "
+                         f"illegal memory access on the GPU); use the default 2")
+
+
 def _forward(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: Tensor, C: int, lam: float,
              initial_state: tuple[Tensor, Tensor] | None, *, store_states: bool, block_v: int | None = None,
              num_warps: int = 4, num_stages: int = 2) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """The kernel over the first N·C positions: y (B, H, N·C, d_v) in v's dtype, the final M, S (float32) and,
     with `store_states`, every chunk's start state (B, H, N, d_k, d_v) float32."""
+    _check_stages(num_stages)
     B, H, L, d_k = k.shape
     d_v = v.shape[-1]
     N = L // C
@@ -317,6 +327,7 @@ def _backward_kernel(operands: tuple[Tensor, ...], Ms: Tensor, Ss: Tensor, dy: T
                      num_stages: int = 2) -> tuple[list[Tensor], Tensor, Tensor]:
     """Gradients of the kernel's outputs (y over N·C positions, final M, S) with respect to its operands
     (`_kernel_operands`, in that order) and its start state: ([dk, dv, dP, dZ, dy_c, dvecs, dscalars], dM₀, dS₀)."""
+    _check_stages(num_stages)
     k_io, v_io, P, Z, y_c, vecs, scalars = operands
     B, H, N, C, d_k = P.shape
     d_v = v_io.shape[-1]
