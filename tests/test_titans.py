@@ -224,7 +224,8 @@ needs_interpreter = pytest.mark.skipif(not (triton_available() and triton_interp
                                               "(tox sets it)")
 
 
-def kernel_fn(C: int, lam: float, *, with_state: bool = True, autograd: bool = False):  # type: ignore[no-untyped-def]
+def kernel_fn(C: int, lam: float, *, with_state: bool = True, autograd: bool = False,  # type: ignore[no-untyped-def]
+              operands: str = "torch"):
     """The Triton entry (forward only, or the autograd wrapper) with `chunked`'s argument list."""
     from optimized.kernels.titans import titans_memory_triton, titans_memory_triton_autograd
 
@@ -232,7 +233,7 @@ def kernel_fn(C: int, lam: float, *, with_state: bool = True, autograd: bool = F
 
     def fn(q, k, v, a, e, th, M0, S0):  # type: ignore[no-untyped-def]
         return entry(q, k, v, a, e, th, chunk_size=C, global_decay=lam,
-                     initial_state=(M0, S0) if with_state else None)
+                     initial_state=(M0, S0) if with_state else None, operands=operands)
     return fn
 
 
@@ -260,6 +261,76 @@ def test_triton_kernel_matches_reference_in_the_interpreter(L: int, C: int, dk: 
     inputs = memory_inputs(L + C, 1, 2, L, dk, dv)
     assert_equivalent(reference_fn(C, lam, with_state=with_state), kernel_fn(C, lam, with_state=with_state),
                       inputs, dtype=torch.float32, grad=False)
+
+
+Six = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def operand_inputs(seed: int, B: int, H: int, L: int, dk: int, dv: int) -> Six:
+    """q, k, v, α, η, θ in float64, with one α of exactly 1 and one η of exactly 0 (the log-floor clamp)."""
+    q, k, v, alpha, eta, theta = memory_inputs(seed, B, H, L, dk, dv)[:6]
+    alpha, eta = alpha.clone(), eta.clone()
+    alpha[0, 0, min(3, L - 1)] = 1.0
+    eta[0, -1, L // 2] = 0.0
+    return q, k, v, alpha, eta, theta
+
+
+def cast_six(inputs: Six, io: torch.dtype, device: str = "cpu", length: int | None = None) -> Six:
+    """q, k, v in `io` and the gates in float32 (float64 for float64), on `device`, the first `length`
+    positions."""
+    q, k, v, alpha, eta, theta = (t[:, :, :length].to(device) for t in inputs)
+    gates = torch.promote_types(io, torch.float32)
+    return q.to(io), k.to(io), v.to(io), alpha.to(gates), eta.to(gates), theta.to(gates)
+
+
+@needs_interpreter
+@pytest.mark.parametrize(("L", "C", "dk", "dv", "lam"), [(32, 8, 16, 16, 0.0), (20, 5, 32, 20, 0.1),
+                                                         (48, 16, 20, 40, 0.25), (12, 1, 8, 8, 0.1)])
+def test_operands_kernel_equals_the_torch_operands(L: int, C: int, dk: int, dv: int, lam: float) -> None:
+    """`_operands_triton` (one launch) against `_kernel_operands` run in float64 (the math of
+    `chunk_coefficients` and the parallel form's P, Z, y_c), every output, at the float32 tolerance; padded C
+    and d_k, C = 1, and gates at the clamp."""
+    from optimized.kernels.titans import _kernel_operands, _operands_triton
+
+    q, k, v, alpha, eta, theta = inputs = operand_inputs(L, 1, 2, L, dk, dv)
+    expected = _kernel_operands(q, k, v, alpha, eta, theta, C, lam, F64)
+    got = _operands_triton(*cast_six(inputs, torch.float32), C, lam, torch.float32)
+    names = ["k", "v", "P", "Z", "y_c", "vecs", "scalars"]
+    for name, e, g in zip(names, expected, got, strict=True):
+        assert g.dtype == torch.float32
+        assert_close_scaled(g, e, tolerance(torch.float32), name)
+
+
+@needs_interpreter
+def test_operands_kernel_in_float16_keeps_float32_coefficients() -> None:
+    from optimized.kernels.titans import _kernel_operands, _operands_triton
+
+    q, k, v, alpha, eta, theta = inputs = operand_inputs(7, 1, 1, 32, 16, 16)
+    expected = _kernel_operands(q, k, v, alpha, eta, theta, 16, 0.1, F64)
+    got = _operands_triton(*cast_six(inputs, torch.float16), 16, 0.1, torch.float16)
+    for name, e, g, dtype in zip(["k", "v", "P", "Z", "y_c", "vecs", "scalars"], expected, got,
+                                 [torch.float16] * 4 + [torch.float32] * 3, strict=True):
+        assert g.dtype == dtype, name
+        assert_close_scaled(g, e, tolerance(torch.float16, model=True), name)
+
+
+@needs_interpreter
+@pytest.mark.parametrize(("L", "C", "dk", "dv", "lam", "with_state"), [KERNEL_CASES[1], KERNEL_CASES[2],
+                                                                       KERNEL_CASES[5]])
+def test_triton_kernel_with_triton_operands_matches_reference_with_gradients(L: int, C: int, dk: int, dv: int,
+                                                                             lam: float, with_state: bool) -> None:
+    inputs = memory_inputs(L + C + 1, 1, 2, L, dk, dv)
+    assert_equivalent(reference_fn(C, lam, with_state=with_state),
+                      kernel_fn(C, lam, with_state=with_state, autograd=True, operands="triton"), inputs,
+                      dtype=torch.float32)
+
+
+def test_triton_kernel_rejects_an_unknown_operands_mode() -> None:
+    from optimized.kernels.titans import titans_memory_triton
+
+    q, k, v, alpha, eta, theta = (t.float() for t in memory_inputs(3, 1, 2, 16, 16, 16)[:6])
+    with pytest.raises(ValueError, match="operands must be 'torch' or 'triton'"):
+        titans_memory_triton(q, k, v, alpha, eta, theta, chunk_size=8, operands="cuda")
 
 
 @needs_interpreter
@@ -331,7 +402,9 @@ def test_triton_kernel_compiles_for_h100_without_a_gpu() -> None:
     script = ("from optimized.kernels.titans import compile_for_gpu\n"
               "for dtype, chunk, d_k in (('bf16', 64, 128), ('fp32', 4, 16)):\n"
               "    for backward in (False, True):\n"
-              "        assert 'cubin' in compile_for_gpu(90, dtype, chunk=chunk, d_k=d_k, backward=backward).asm\n")
+              "        assert 'cubin' in compile_for_gpu(90, dtype, chunk=chunk, d_k=d_k, backward=backward).asm\n"
+              "    kernel = compile_for_gpu(90, dtype, chunk=chunk, d_k=d_k, operands=True, num_warps=8)\n"
+              "    assert 'cubin' in kernel.asm and kernel.metadata.shared <= 227 * 1024, kernel.metadata.shared\n")
     assert_compiles(script)
 
 
@@ -350,6 +423,25 @@ def test_cuda_triton_kernel_matches_float64_reference(dtype: torch.dtype, L: int
 
     assert_equivalent(reference_fn(C, 0.01, with_state=with_state), opt_fn, inputs, dtype=dtype, model=True,
                       device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("L", "C", "dk", "dv"), [(512, 64, 128, 128), (200, 64, 64, 96), (45, 16, 32, 20)])
+def test_cuda_operands_kernel_matches_float64_operands_and_forward(dtype: torch.dtype, L: int, C: int, dk: int,
+                                                                   dv: int) -> None:
+    """On the GPU: `_operands_triton` against the float64 torch operands (the kernel's input-dtype dots), and
+    the whole forward and backward with `operands="triton"` against the float64 reference."""
+    from optimized.kernels.titans import _kernel_operands, _operands_triton
+
+    inputs = operand_inputs(L, 2, 2, L, dk, dv)
+    main = (L // C) * C
+    expected = _kernel_operands(*cast_six(inputs, F64, length=main), C, 0.01, F64)
+    got = _operands_triton(*cast_six(inputs, dtype, "cuda", main), C, 0.01, dtype)
+    for name, e, g in zip(["k", "v", "P", "Z", "y_c", "vecs", "scalars"], expected, got, strict=True):
+        assert_close_scaled(g.cpu(), e, tolerance(dtype, model=dtype != torch.float32), name)
+    assert_equivalent(reference_fn(C, 0.01), kernel_fn(C, 0.01, autograd=True, operands="triton"),
+                      memory_inputs(1, 2, 2, L, dk, dv), dtype=dtype, model=True, device="cuda")
 
 
 @pytest.mark.gpu
@@ -477,7 +569,9 @@ def test_titans_sweep_benchmark_on_cuda_times_the_operands_and_every_launch() ->
 
     rows = discover()["titans_sweep"](BenchArgs(device=torch.device("cuda"), quick=True, repeat=1))
     impls = [row.impl for row in rows]
-    assert impls[:2] == ["optimized: torch operands", "optimized: forward (default launch)"]
-    launches = rows[2:]
+    assert impls[:4] == ["optimized: torch operands", "optimized: forward (default launch)",
+                         "optimized: Triton operands", "optimized: forward (operands=triton)"]
+    assert all(row.ms > 0 for row in rows[:4]) and "max |Δ|" in rows[3].note
+    launches = rows[4:]
     failed = [(row.params, row.note) for row in launches if not (row.ms > 0 and "max |Δ|" in row.note)]
     assert len(launches) == 10 and not failed, failed

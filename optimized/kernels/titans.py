@@ -8,16 +8,17 @@ state-independent coefficients W, m = A − λ W1, s, u, E_C of `optimized.titan
     M_C = m_C M₀ + s_C S₀ − 2 Kᵀ diag(W_C,·) R,      S_C = E_C S₀ − λ (Σ_j u_j) M₀ − 2 Kᵀ diag(u) R.
 
 P, Z (C × d_k) and y_c (C × d_v) do not depend on the state: torch forms them for all chunks at once in batched
-matmuls (the C × C scores never reach the kernel). The loss ‖M k − v‖² separates over value columns, so each
-column block of (M, S) evolves on its own: one program per (batch·head, block of BLOCK_V value columns) keeps
-M[:, vblk] and S[:, vblk] (d_k × BLOCK_V, float32) in registers and walks the chunks sequentially; per chunk
-it loads K_n, P_n, Z_n (C × d_k), V_n[:, vblk], y_c[:, vblk] and the coefficient rows, makes five `tl.dot`s
-(P M, Z S, K M, Kᵀ(−2 W_C ⊙ R), Kᵀ(−2 u ⊙ R), the scalar terms folded into their accumulators) and writes
-y_n[:, vblk]; when gradients are wanted it also stores each chunk's start state (M₀, S₀) (N × d_k × d_v float32
-each per (b, h): 16 MiB for both at L = 8192, C = 64, d_k = d_v = 128). C, d_k and BLOCK_V are padded to
-powers of two ≥ 16 (tl.dot's smallest tile) with masked loads: zero rows and columns add nothing. A length that
-C does not divide ends with one shorter chunk, run by the torch form (`optimized.titans.torch_chunked`) from the
-kernel's final state.
+matmuls (the C × C scores never reach the kernel), or, with `operands="triton"`, `_titans_operands` does in one
+launch (one program per (batch·head, chunk); the torch form is a few dozen launches, 78% of the forward's time at L
+= 2048 on an H200; not yet the default: its speed is unmeasured). The loss ‖M k − v‖² separates over value columns,
+so each column block of (M, S) evolves on its own: one program per (batch·head, block of BLOCK_V value columns)
+keeps M[:, vblk] and S[:, vblk] (d_k × BLOCK_V, float32) in registers and walks the chunks sequentially; per chunk
+it loads K_n, P_n, Z_n (C × d_k), V_n[:, vblk], y_c[:, vblk] and the coefficient rows, makes five `tl.dot`s (P M, Z
+S, K M, Kᵀ(−2 W_C ⊙ R), Kᵀ(−2 u ⊙ R), the scalar terms folded into their accumulators) and writes y_n[:, vblk]; when
+gradients are wanted it also stores each chunk's start state (M₀, S₀) (N × d_k × d_v float32 each per (b, h): 16 MiB
+for both at L = 8192, C = 64, d_k = d_v = 128). C, d_k and BLOCK_V are padded to powers of two ≥ 16 (tl.dot's
+smallest tile) with masked loads: zero rows and columns add nothing. A length that C does not divide ends with one
+shorter chunk, run by the torch form (`optimized.titans.torch_chunked`) from the kernel's final state.
 
 Precision: the state and every accumulation are float32. float32 inputs: exact float32 dots
 (`input_precision="ieee"`: no TF32, slow on the GPU, correct). bfloat16/float16 inputs, and any inputs under
@@ -210,6 +211,96 @@ def _titans_bwd(k_ptr, v_ptr, P_ptr, Z_ptr, vec_ptr, scal_ptr, Ms_ptr, Ss_ptr, d
     tl.store(dS0_ptr + state_offs, dS, mask=mask_kv)
 
 
+@_jit
+def _titans_operands(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, th_ptr, P_ptr, Z_ptr, yc_ptr, vec_ptr, scal_ptr,  # type: ignore[no-untyped-def]
+                     n_chunks, chunk, d_k, d_v, heads, lam, log_floor, sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d,
+                     sv_b, sv_h, sv_l, sv_d, sg_b, sg_h, sg_l, PRECISION: tl.constexpr, BLOCK_C: tl.constexpr,
+                     BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """`_kernel_operands` for one chunk of one (batch, head) per program: the chunk coefficients of
+    `optimized.titans.chunk_coefficients` (log-space cumulative gates, the decay matrices, W, m, s, u, E_C), the
+    scores W ⊙ Q Kᵀ and P, Z, y_c, the coefficient rows and scalars — one launch for all chunks instead of the
+    torch form's few dozen. Dots accumulate in float32 (scores, P, Z rounded to the input dtype as torch does)."""
+    bh = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1).to(tl.int64)
+    b = bh // heads
+    h = bh % heads
+    t0 = n * chunk
+    row = bh * n_chunks + n
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_v = tl.arange(0, BLOCK_DV)
+    mask_c = offs_c < chunk
+    mask_ck = mask_c[:, None] & (offs_k < d_k)[None, :]
+    mask_cv = mask_c[:, None] & (offs_v < d_v)[None, :]
+    g_offs = b * sg_b + h * sg_h + (t0 + offs_c) * sg_l
+    alpha = tl.load(a_ptr + g_offs, mask=mask_c, other=0.0).to(tl.float32)
+    eta = tl.load(e_ptr + g_offs, mask=mask_c, other=1.0).to(tl.float32)
+    theta = tl.load(th_ptr + g_offs, mask=mask_c, other=0.0).to(tl.float32)  # padded positions write nothing
+    # log A_i, log E_i, each term clamped at log_floor (torch: log1p(−α)); the arguments are floored at 1e-30
+    # (log = −69 < log_floor, so the clamp gives the same value) to keep log(0) out
+    cum_a = tl.cumsum(tl.maximum(tl.log(tl.maximum(1.0 - alpha, 1e-30)), log_floor), axis=0)
+    cum_e = tl.cumsum(tl.maximum(tl.log(tl.maximum(eta, 1e-30)), log_floor), axis=0)
+    lower = offs_c[None, :] <= offs_c[:, None]  # j ≤ i
+    L_a = tl.exp(tl.where(lower, cum_a[:, None] - cum_a[None, :], float("-inf")))  # (BLOCK_C, BLOCK_C)
+    L_e = tl.exp(tl.where(lower, cum_e[:, None] - cum_e[None, :], float("-inf")))
+    W = tl.dot(L_a, L_e, input_precision="ieee") * theta[None, :]  # (BLOCK_C, BLOCK_C)
+    last = offs_c == chunk - 1
+    cum_e_last = tl.sum(tl.where(last, cum_e, 0.0), axis=0)
+    s = tl.sum(L_a * tl.exp(cum_e)[None, :], axis=1)  # (BLOCK_C,)
+    m = tl.exp(cum_a) - lam * tl.sum(W, axis=1)  # the coefficient of M₀
+    u = tl.where(mask_c, tl.exp(cum_e_last - cum_e), 0.0) * theta
+    w_last = tl.sum(tl.where(last[:, None], W, 0.0), axis=0)  # W_C·
+    vec_offs = row * 2 * chunk + offs_c
+    tl.store(vec_ptr + vec_offs, -2.0 * w_last, mask=mask_c)
+    tl.store(vec_ptr + vec_offs + chunk, -2.0 * u, mask=mask_c)
+    tl.store(scal_ptr + row * 4, tl.sum(tl.where(last, m, 0.0), axis=0))
+    tl.store(scal_ptr + row * 4 + 1, tl.sum(tl.where(last, s, 0.0), axis=0))
+    tl.store(scal_ptr + row * 4 + 2, tl.exp(cum_e_last))
+    tl.store(scal_ptr + row * 4 + 3, lam * tl.sum(u, axis=0))
+    Q = tl.load(q_ptr + b * sq_b + h * sq_h + (t0 + offs_c)[:, None] * sq_l + offs_k[None, :] * sq_d, mask=mask_ck,
+                other=0.0).to(P_ptr.dtype.element_ty)  # (BLOCK_C, BLOCK_K) in the io dtype
+    K = tl.load(k_ptr + b * sk_b + h * sk_h + (t0 + offs_c)[:, None] * sk_l + offs_k[None, :] * sk_d, mask=mask_ck,
+                other=0.0).to(P_ptr.dtype.element_ty)
+    V = tl.load(v_ptr + b * sv_b + h * sv_h + (t0 + offs_c)[:, None] * sv_l + offs_v[None, :] * sv_d, mask=mask_cv,
+                other=0.0).to(P_ptr.dtype.element_ty)  # (BLOCK_C, BLOCK_DV)
+    scores = (W * tl.dot(Q, tl.trans(K), input_precision=PRECISION)).to(K.dtype)  # (BLOCK_C, BLOCK_C)
+    P = m[:, None] * Q.to(tl.float32) - 2.0 * tl.dot(scores, K, input_precision=PRECISION)
+    Z = s[:, None] * Q.to(tl.float32)
+    y_c = 2.0 * tl.dot(scores, V, input_precision=PRECISION)
+    pz_offs = row * chunk * d_k + offs_c[:, None] * d_k + offs_k[None, :]  # (B·H·N·C, d_k) rows
+    tl.store(P_ptr + pz_offs, P.to(P_ptr.dtype.element_ty), mask=mask_ck)
+    tl.store(Z_ptr + pz_offs, Z.to(Z_ptr.dtype.element_ty), mask=mask_ck)
+    tl.store(yc_ptr + row * chunk * d_v + offs_c[:, None] * d_v + offs_v[None, :], y_c, mask=mask_cv)
+
+
+def _operands_triton(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: Tensor, C: int,
+                     lam: float, io: torch.dtype, *, num_warps: int = 8) -> tuple[Tensor, ...]:
+    """`_kernel_operands` (same outputs, shapes and dtypes) by `_titans_operands`: one launch, no autograd."""
+    from optimized.titans import LOG_FLOOR
+
+    B, H, L, d_k = k.shape
+    d_v = v.shape[-1]
+    N = L // C
+    k_io, v_io = k.to(io), v.to(io)
+    P = torch.empty(B, H, N, C, d_k, dtype=io, device=k.device)
+    Z = torch.empty_like(P)
+    y_c = torch.empty(B, H, N, C, d_v, dtype=torch.float32, device=k.device)
+    vecs = torch.empty(B, H, N, 2, C, dtype=torch.float32, device=k.device)
+    scalars = torch.empty(B, H, N, 4, dtype=torch.float32, device=k.device)
+    if N == 0:
+        return k_io, v_io, P, Z, y_c, vecs, scalars
+    alpha, eta, theta = (t.float() for t in (alpha, eta, theta))
+    if not (alpha.stride() == eta.stride() == theta.stride()):
+        alpha, eta, theta = (t.contiguous() for t in (alpha, eta, theta))
+    block_c, block_k, _ = _blocks(C, d_k, d_v, None)
+    _titans_operands[(B * H, N)](
+        q, k_io, v_io, alpha, eta, theta, P, Z, y_c, vecs, scalars, N, C, d_k, d_v, H, float(lam), LOG_FLOOR,
+        *q.stride(), *k_io.stride(), *v_io.stride(), *alpha.stride(),
+        PRECISION="ieee" if io == torch.float32 else "tf32", BLOCK_C=block_c, BLOCK_K=block_k,
+        BLOCK_DV=max(16, triton.next_power_of_2(d_v)), num_warps=num_warps)
+    return k_io, v_io, P, Z, y_c, vecs, scalars
+
+
 def _blocks(chunk: int, d_k: int, d_v: int, block_v: int | None) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_K, BLOCK_V): powers of two ≥ 16 (tl.dot's smallest tile); by default BLOCK_V keeps each
     state tile at ≤ 4096 float32 elements (d_k = 128: 32 value columns)."""
@@ -262,10 +353,14 @@ def _check_stages(num_stages: int) -> None:
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: Tensor, C: int, lam: float,
              initial_state: tuple[Tensor, Tensor] | None, *, store_states: bool, block_v: int | None = None,
-             num_warps: int = 4, num_stages: int = 2) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+             num_warps: int = 4, num_stages: int = 2,
+             operands: str = "torch") -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """The kernel over the first N·C positions: y (B, H, N·C, d_v) in v's dtype, the final M, S (float32) and,
-    with `store_states`, every chunk's start state (B, H, N, d_k, d_v) float32."""
+    with `store_states`, every chunk's start state (B, H, N, d_k, d_v) float32. `operands`: "torch"
+    (`_kernel_operands`) or "triton" (`_operands_triton`, one launch)."""
     _check_stages(num_stages)
+    if operands not in ("torch", "triton"):
+        raise ValueError(f"titans kernel: operands must be 'torch' or 'triton', got {operands!r}")
     B, H, L, d_k = k.shape
     d_v = v.shape[-1]
     N = L // C
@@ -279,9 +374,9 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta:
     if N == 0:
         return v.new_zeros(B, H, 0, d_v), M, S, None, None
     io = _io_dtype(q, k, v)
-    k_io, v_io, P, Z, y_c, vecs, scalars = _kernel_operands(q[:, :, :main], k[:, :, :main], v[:, :, :main],
-                                                            alpha[:, :, :main], eta[:, :, :main],
-                                                            theta[:, :, :main], C, lam, io)
+    build = _operands_triton if operands == "triton" else _kernel_operands
+    k_io, v_io, P, Z, y_c, vecs, scalars = build(q[:, :, :main], k[:, :, :main], v[:, :, :main], alpha[:, :, :main],
+                                                 eta[:, :, :main], theta[:, :, :main], C, lam, io)
     P, Z, y_c, vecs, scalars = (t.contiguous() for t in (P, Z, y_c, vecs, scalars))
     y = torch.empty(B, H, main, d_v, dtype=v.dtype, device=v.device)
     M_out = torch.empty(B, H, d_k, d_v, dtype=torch.float32, device=k.device)
@@ -300,10 +395,12 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta:
 def titans_memory_triton(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: Tensor, *,
                          chunk_size: int, global_decay: float = 0.0,
                          initial_state: tuple[Tensor, Tensor] | None = None, block_v: int | None = None,
-                         num_warps: int = 4, num_stages: int = 2) -> tuple[Tensor, Tensor, Tensor]:
+                         num_warps: int = 4, num_stages: int = 2,
+                         operands: str = "torch") -> tuple[Tensor, Tensor, Tensor]:
     """Forward only: (y (B, H, L, d_v), M, S (B, H, d_k, d_v)), all in v's dtype, as
     `optimized.titans.titans_memory_chunked` (inputs already validated). `block_v` value columns per program
-    (a power of two; default: see `_blocks`)."""
+    (a power of two; default: see `_blocks`); `operands="triton"` forms the state-independent operands in one
+    launch (`_operands_triton`) instead of torch's batched ops (`_kernel_operands`)."""
     from optimized.titans import _compute_dtype, torch_chunked
 
     L = k.shape[2]
@@ -311,7 +408,7 @@ def titans_memory_triton(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Te
     main = (L // C) * C
     lam = float(global_decay)
     y, M, S, _, _ = _forward(q, k, v, alpha, eta, theta, C, lam, initial_state, store_states=False,
-                             block_v=block_v, num_warps=num_warps, num_stages=num_stages)
+                             block_v=block_v, num_warps=num_warps, num_stages=num_stages, operands=operands)
     if main == L:
         return y, M.to(v.dtype), S.to(v.dtype)
     # the last, shorter chunk: the torch path from the kernel's final state
@@ -358,8 +455,9 @@ def _backward_kernel(operands: tuple[Tensor, ...], Ms: Tensor, Ss: Tensor, dy: T
 
 def compile_for_gpu(capability: int = 90, dtype: str = "bf16", *, chunk: int = 64, d_k: int = 128,
                     block_v: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                    precision: str = "ieee", backward: bool = False) -> Any:
-    """Compile `_titans_fwd` (or, with `backward`, `_titans_bwd`) ahead of time for CUDA compute capability
+                    precision: str = "ieee", backward: bool = False, operands: bool = False) -> Any:
+    """Compile `_titans_fwd` (or, with `backward`, `_titans_bwd`; with `operands`, `_titans_operands` at
+    d_v = d_k, 8 warps unless told) ahead of time for CUDA compute capability
     `capability` (90: H100) with q, k, v, y in `dtype` ("fp32", "fp16", "bf16"), without a GPU (Triton's frontend,
     its passes and ptxas run on the CPU): the check `TRITON_INTERPRET=1` cannot make, so it must run in a process
     without that variable. Returns Triton's compiled kernel (its `n_regs` and `n_spills` tell the register
@@ -367,8 +465,10 @@ def compile_for_gpu(capability: int = 90, dtype: str = "bf16", *, chunk: int = 6
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel = _titans_bwd if backward else _titans_fwd
     block_c, block_k, bv = _blocks(chunk, d_k, d_k, block_v)
+    if operands:
+        return _compile_operands(capability, dtype, block_c, block_k, precision, num_warps)
+    kernel = _titans_bwd if backward else _titans_fwd
     names: list[str] = kernel.arg_names
     # as a launch specialises them: unit strides are constants, pointers and the other ints 16-divisible
     constexprs: dict[str, Any] = {"sk_d": 1, "sv_d": 1, "PRECISION": precision if dtype == "fp32" else "tf32",
@@ -386,6 +486,27 @@ def compile_for_gpu(capability: int = 90, dtype: str = "bf16", *, chunk: int = 6
                                                                               "num_stages": num_stages})
 
 
+def _compile_operands(capability: int, dtype: str, block_c: int, block_k: int, precision: str,
+                      num_warps: int) -> Any:
+    """`compile_for_gpu` for `_titans_operands` (unit feature strides, contiguous gates)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names: list[str] = _titans_operands.arg_names
+    constexprs: dict[str, Any] = {"sq_d": 1, "sk_d": 1, "sv_d": 1, "sg_l": 1,
+                                  "PRECISION": precision if dtype == "fp32" else "tf32", "BLOCK_C": block_c,
+                                  "BLOCK_K": block_k, "BLOCK_DV": block_k}
+    io = {"q_ptr", "k_ptr", "v_ptr", "P_ptr", "Z_ptr"}  # in the input dtype; the rest: fp32
+    signature = {name: "constexpr" if name in constexprs else (f"*{dtype}" if name in io else "*fp32")
+                 if name.endswith("_ptr") else ("fp32" if name in ("lam", "log_floor") else "i32") for name in names}
+    aligned = [name for name in names if name not in constexprs
+               and name not in ("n_chunks", "heads", "lam", "log_floor")]
+    source = ASTSource(fn=_titans_operands, signature=signature,
+                       constexprs={(names.index(name),): value for name, value in constexprs.items()},
+                       attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned})
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
+
+
 class _TritonTitans(torch.autograd.Function):
     """Forward by `_titans_fwd` (storing each chunk's start state); backward by `_titans_bwd` for the state
     passing and torch autograd for the rest (the state-independent operands, recomputed under grad with the
@@ -393,15 +514,16 @@ class _TritonTitans(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: Tensor,
-                M0: Tensor | None, S0: Tensor | None, chunk_size: int,
-                global_decay: float) -> tuple[Tensor, Tensor, Tensor]:
+                M0: Tensor | None, S0: Tensor | None, chunk_size: int, global_decay: float,
+                operands: str) -> tuple[Tensor, Tensor, Tensor]:
         from optimized.titans import torch_chunked
 
         L = k.shape[2]
         C = min(chunk_size, max(L, 1))
         main = (L // C) * C
         state = (M0, S0) if M0 is not None and S0 is not None else None
-        y, M, S, Ms, Ss = _forward(q, k, v, alpha, eta, theta, C, global_decay, state, store_states=True)
+        y, M, S, Ms, Ss = _forward(q, k, v, alpha, eta, theta, C, global_decay, state, store_states=True,
+                                   operands=operands)
         ctx.save_for_backward(q, k, v, alpha, eta, theta, M0, S0, Ms, Ss, M, S)
         ctx.chunk, ctx.main, ctx.global_decay = C, main, global_decay
         device = k.device.type
@@ -456,18 +578,20 @@ class _TritonTitans(torch.autograd.Function):
         input_grads = [next(result) if t.requires_grad else None for t in leaves]
         grad_M0 = dM0.to(M0.dtype) if M0 is not None and ctx.needs_input_grad[6] else None
         grad_S0 = dS0.to(S0.dtype) if S0 is not None and ctx.needs_input_grad[7] else None
-        return (*input_grads, grad_M0, grad_S0, None, None)
+        return (*input_grads, grad_M0, grad_S0, None, None, None)
 
 
 def titans_memory_triton_autograd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: Tensor, *,
                                   chunk_size: int, global_decay: float = 0.0,
-                                  initial_state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                                  initial_state: tuple[Tensor, Tensor] | None = None,
+                                  operands: str = "torch") -> tuple[Tensor, Tensor, Tensor]:
     """`titans_memory_triton` with gradients (see the module docstring); without any (grad mode off, or no input
-    requiring grad) the plain forward, which stores no chunk states."""
+    requiring grad) the plain forward, which stores no chunk states. The backward recomputes the operands with
+    torch (under grad) whichever `operands` formed them in the forward."""
     tensors = [q, k, v, alpha, eta, theta, *(initial_state or ())]
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return titans_memory_triton(q, k, v, alpha, eta, theta, chunk_size=chunk_size, global_decay=global_decay,
-                                    initial_state=initial_state)
+                                    initial_state=initial_state, operands=operands)
     apply = cast(Callable[..., tuple[Tensor, Tensor, Tensor]], _TritonTitans.apply)
     M0, S0 = initial_state if initial_state is not None else (None, None)
-    return apply(q, k, v, alpha, eta, theta, M0, S0, chunk_size, float(global_decay))
+    return apply(q, k, v, alpha, eta, theta, M0, S0, chunk_size, float(global_decay), operands)

@@ -171,7 +171,7 @@ def bench_titans(args: BenchArgs) -> list[BenchRow]:
 
 def _sweep_at(args: BenchArgs, L: int, knobs: bool) -> list[BenchRow]:
     """`titans_sweep`'s rows at one length (the launch knobs only when `knobs`)."""
-    from optimized.kernels.titans import _io_dtype, _kernel_operands, titans_memory_triton
+    from optimized.kernels.titans import _io_dtype, _kernel_operands, _operands_triton, titans_memory_triton
 
     B, H, dk, dv, C = 4, 8, 128, 128, 64
     params = f"B={B} H={H} L={L} dk={dk} dv={dv} C={C} bfloat16 fwd"
@@ -182,18 +182,30 @@ def _sweep_at(args: BenchArgs, L: int, knobs: bool) -> list[BenchRow]:
     def operands() -> Any:
         return _kernel_operands(q, k, v, alpha, eta, theta, C, 0.0, _io_dtype(q, k, v))
 
-    def forward(block_v: int | None = None, warps: int = 4, stages: int = 2) -> Any:
+    def operands_kernel() -> Any:
+        return _operands_triton(q, k, v, alpha, eta, theta, C, 0.0, _io_dtype(q, k, v))
+
+    def forward(block_v: int | None = None, warps: int = 4, stages: int = 2, how: str = "torch") -> Any:
         return titans_memory_triton(q, k, v, alpha, eta, theta, chunk_size=C, block_v=block_v, num_warps=warps,
-                                    num_stages=stages)
+                                    num_stages=stages, operands=how)
 
     with torch.no_grad():
         operands_ms = _timed(operands, args)
         default_out = forward()[0].float()
         whole_ms = _timed(forward, args)
+        kernel_ms = _timed(operands_kernel, args)
+        fused_error = (forward(how="triton")[0].float() - default_out).abs().max().item()
+        fused_ms = _timed(lambda: forward(how="triton"), args)
     rows.append(BenchRow(op="titans_sweep", impl="optimized: torch operands", params=params, ms=operands_ms,
                          dispatch="torch", note=f"{operands_ms / whole_ms:.0%} of the forward"))
     rows.append(BenchRow(op="titans_sweep", impl="optimized: forward (default launch)", params=params, ms=whole_ms,
                          dispatch="triton", throughput=f"{B * L / whole_ms / 1e3:.3f} Mtok/s"))
+    rows.append(BenchRow(op="titans_sweep", impl="optimized: Triton operands", params=params, ms=kernel_ms,
+                         dispatch="triton", note=f"{operands_ms / kernel_ms:.1f}x faster than the torch operands"))
+    rows.append(BenchRow(op="titans_sweep", impl="optimized: forward (operands=triton)", params=params, ms=fused_ms,
+                         dispatch="triton", throughput=f"{B * L / fused_ms / 1e3:.3f} Mtok/s",
+                         note=f"{whole_ms / fused_ms:.2f}x the default forward's speed; max |Δ| vs default "
+                              f"{fused_error:.1e}"))
     if not knobs:
         return rows
     timed: list[tuple[float, int, int, int]] = []
@@ -225,7 +237,8 @@ def _sweep_at(args: BenchArgs, L: int, knobs: bool) -> list[BenchRow]:
 def bench_titans_sweep(args: BenchArgs) -> list[BenchRow]:
     """CUDA only (no rows on CPU): where the Triton forward's time goes and which launch knobs suit this GPU.
     At B=4 H=8 d_k=d_v=128 C=64 bf16 and L ∈ {2048, 8192}: the torch part alone (`_kernel_operands`: the chunk
-    coefficients and the state-independent P, Z, y_c) and the whole forward; then at the longest length the
+    coefficients and the state-independent P, Z, y_c) and the whole forward, the same two with the operands
+    formed by one Triton launch (`operands="triton"`); then at the longest length the
     forward over value columns per program × warps (2 stages), and the fastest of those at 3 stages, each
     checked against the default launch's output."""
     if args.device.type != "cuda":
