@@ -9,16 +9,16 @@ state-independent coefficients W, m = A − λ W1, s, u, E_C of `optimized.titan
 
 P, Z (C × d_k) and y_c (C × d_v) do not depend on the state: torch forms them for all chunks at once in batched
 matmuls (the C × C scores never reach the kernel), or, with `operands="triton"`, `_titans_operands` does in one
-launch (one program per (batch·head, chunk); the torch form is a few dozen launches, 78% of the forward's time at L
-= 2048 on an H200; not yet the default: its speed is unmeasured). The loss ‖M k − v‖² separates over value columns,
-so each column block of (M, S) evolves on its own: one program per (batch·head, block of BLOCK_V value columns)
-keeps M[:, vblk] and S[:, vblk] (d_k × BLOCK_V, float32) in registers and walks the chunks sequentially; per chunk
-it loads K_n, P_n, Z_n (C × d_k), V_n[:, vblk], y_c[:, vblk] and the coefficient rows, makes five `tl.dot`s (P M, Z
-S, K M, Kᵀ(−2 W_C ⊙ R), Kᵀ(−2 u ⊙ R), the scalar terms folded into their accumulators) and writes y_n[:, vblk]; when
-gradients are wanted it also stores each chunk's start state (M₀, S₀) (N × d_k × d_v float32 each per (b, h): 16 MiB
-for both at L = 8192, C = 64, d_k = d_v = 128). C, d_k and BLOCK_V are padded to powers of two ≥ 16 (tl.dot's
-smallest tile) with masked loads: zero rows and columns add nothing. A length that C does not divide ends with one
-shorter chunk, run by the torch form (`optimized.titans.torch_chunked`) from the kernel's final state.
+launch (one program per (batch·head, chunk); the torch form is a few dozen launches, 78% of the forward's time at
+L = 2048 on an H200; not yet the default: its speed is unmeasured). The loss ‖M k − v‖² separates over value
+columns, so each column block of (M, S) evolves on its own: one program per (batch·head, block of BLOCK_V value
+columns) keeps M[:, vblk] and S[:, vblk] (d_k × BLOCK_V, float32) in registers and walks the chunks sequentially;
+per chunk it loads K_n, P_n, Z_n (C × d_k), V_n[:, vblk], y_c[:, vblk] and the coefficient rows, makes five
+`tl.dot`s (P M, Z S, K M, Kᵀ(−2 W_C ⊙ R), Kᵀ(−2 u ⊙ R), the scalar terms folded into their accumulators) and writes
+y_n[:, vblk]; when gradients are wanted it also stores each chunk's start state (M₀, S₀) (N × d_k × d_v float32 each
+per (b, h): 16 MiB for both at L = 8192, C = 64, d_k = d_v = 128). C, d_k and BLOCK_V are padded to powers of two ≥
+16 (tl.dot's smallest tile) with masked loads: zero rows and columns add nothing. A length that C does not divide
+ends with one shorter chunk, run by the torch form (`optimized.titans.torch_chunked`) from the kernel's final state.
 
 Precision: the state and every accumulation are float32. float32 inputs: exact float32 dots
 (`input_precision="ieee"`: no TF32, slow on the GPU, correct). bfloat16/float16 inputs, and any inputs under
