@@ -20,8 +20,9 @@ import reference.ssm as ref
 from optimized.kernels import cpu_scan, triton_available, triton_interpreting
 from reference.validation import DTypeError, ShapeError
 from tests.causality import assert_causal
-from tests.equivalence import assert_equivalent
+from tests.equivalence import assert_close_scaled, assert_equivalent
 from tests.strategies import make_tensor, seeds
+from tests.tolerances import tolerance
 from tests.triton_compile import assert_compiles
 
 LAYOUTS = ("shared", "per_step", "grouped")
@@ -484,7 +485,11 @@ def test_triton_kernel_compiles_for_h100_without_a_gpu() -> None:
     # kernels), with every option on and off and each way of reading B and C
     script = ("from optimized.kernels.selective_scan import compile_for_gpu\n"
               "for dtype, options, mode in (('bf16', True, 1), ('fp32', False, 0), ('fp16', True, 2)):\n"
-              "    assert 'cubin' in compile_for_gpu(90, dtype, options=options, matrix_mode=mode).asm\n")
+              "    assert 'cubin' in compile_for_gpu(90, dtype, options=options, matrix_mode=mode).asm\n"
+              "    if mode != 2:  # the backward kernel: SHARED and ONE_GROUP\n"
+              "        kernel = compile_for_gpu(90, dtype, options=options, matrix_mode=mode, backward=True,\n"
+              "                                 maxnreg=None)\n"
+              "        assert 'cubin' in kernel.asm\n")
     assert_compiles(script)
 
 
@@ -501,6 +506,108 @@ def test_triton_autograd_wrapper_gradients_match_reference() -> None:
         return selective_scan_triton_autograd(u, delta, A, B, C, D, z, bias, True, h0)
 
     assert_equivalent(_as_fn(ref, case), kernel, _inputs(case), dtype=torch.float32, model=True)
+
+
+def _backward_kernel_check(case: Case, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                           block_d: int | None = None, block_l: int | None = None) -> None:
+    """`selective_scan_triton_backward` against autograd of the float64 reference, every gradient (the last state's
+    cotangent included), at the long-scan tolerance of `dtype`."""
+    from optimized.kernels.selective_scan import selective_scan_triton_backward
+
+    inputs = _inputs(case)
+    leaves = [x.clone().requires_grad_(True) if x is not None else None for x in inputs]
+    u, delta, A, B, C, D, z, bias, h0 = leaves
+    assert u is not None and delta is not None and A is not None and B is not None and C is not None
+    out, last = ref.selective_scan(u, delta, A, B, C, D, z, bias, case.softplus, True, initial_state=h0)
+    g_out = make_tensor(tuple(out.shape), case.seed + 20)
+    g_last = make_tensor(tuple(last.shape), case.seed + 21)
+    present = [x for x in leaves if x is not None]
+    expected = iter(torch.autograd.grad((out, last), present, (g_out, g_last), allow_unused=True))
+    moved = [x.to(device, dtype) if x is not None else None for x in inputs]
+    mu, mdelta, mA, mB, mC, mD, mz, mbias, mh0 = moved
+    assert mu is not None and mdelta is not None and mA is not None and mB is not None and mC is not None
+    got = selective_scan_triton_backward(mu, mdelta, mA.float(), mB, mC, mD, mz, mbias, case.softplus, mh0,
+                                         g_out.to(device, dtype), g_last.to(device), block_d=block_d,
+                                         block_l=block_l)
+    names = ["du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias", "dh0"]
+    for name, x, grad in zip(names, inputs, got, strict=True):
+        if x is None:
+            assert grad is None, name
+            continue
+        want = next(expected)
+        assert grad is not None and grad.shape == x.shape, name
+        assert_close_scaled(grad.cpu().double(), torch.zeros_like(x) if want is None else want,
+                            tolerance(dtype, model=True), name)
+
+
+BACKWARD_CASES = [
+    # every option on, several tiles with L not a multiple of BLOCK_L, two programs along D
+    (Case(2, 8, 3, 9, "per_step", "per_step", 1, True, True, True, True, True, True, 1), 4, 4),
+    # (D, N) B and C (sums over time), no options; six channels over two programs of four (the last part-masked)
+    (Case(1, 6, 4, 6, "shared", "shared", 1, False, False, False, False, True, False, 2), 4, 2),
+    # B grouped in two groups of 8 channels = BLOCK_D (one group per program), C per step; bias without softplus
+    (Case(2, 16, 5, 13, "grouped", "per_step", 2, True, False, True, False, True, True, 3), None, None),
+    # L = 1; N = 16 (the default blocks); C shared
+    (Case(1, 8, 16, 1, "per_step", "shared", 1, True, True, True, True, True, True, 4), None, None),
+    # 51 tiles: the adjoint carried across many tiles
+    (Case(1, 4, 2, 203, "per_step", "grouped", 1, True, True, False, True, True, False, 5), 4, 4),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize(("case", "block_d", "block_l"), BACKWARD_CASES,
+                         ids=lambda x: f"{x.b_layout}-{x.c_layout}-L{x.length}" if isinstance(x, Case) else None)
+def test_triton_backward_kernel_matches_reference_gradients(case: Case, block_d: int | None,
+                                                            block_l: int | None) -> None:
+    _backward_kernel_check(case, block_d=block_d, block_l=block_l)
+
+
+@needs_interpreter
+def test_triton_backward_kernel_refuses_per_channel_groups_and_autograd_falls_back() -> None:
+    from optimized.kernels.selective_scan import (
+        selective_scan_triton_backward,
+        triton_backward_supported,
+        use_triton_backward,
+    )
+
+    # groups of 3 channels with BLOCK_D = 8: read per channel, which the backward kernel does not take
+    case = Case(1, 6, 2, 5, "grouped", "per_step", 2, False, False, False, False, True, False, 6)
+    u, delta, A, B, C, *_ = (x.float() for x in _inputs(case) if x is not None)
+    assert not triton_backward_supported(u, B, C)
+    with pytest.raises(ValueError, match="per-channel"):
+        selective_scan_triton_backward(u, delta, A, B, C, None, None, None, False, None, torch.ones_like(u), None)
+    assert not use_triton_backward(u, B, C)
+
+
+@needs_interpreter
+def test_triton_autograd_wrapper_uses_the_backward_kernel_when_opted_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    from optimized.kernels.selective_scan import selective_scan_triton_autograd
+
+    case = Case(batch=2, dim=8, n_state=3, length=7, b_layout="per_step", c_layout="shared", groups=1, has_D=True,
+                has_z=True, has_bias=True, softplus=True, last_state=True, has_h0=True, seed=8)
+    monkeypatch.setenv("MEMARCH_SCAN_BACKWARD", "triton")
+
+    def no_torch_backward(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the torch chunked backward ran: the kernel was not used")
+
+    monkeypatch.setattr(opt, "chunked_scan", no_torch_backward)
+
+    def kernel(*args: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        u, delta, A, B, C, D, z, bias, h0 = args
+        assert u is not None and delta is not None and A is not None and B is not None and C is not None
+        return selective_scan_triton_autograd(u, delta, A, B, C, D, z, bias, True, h0)
+
+    assert_equivalent(_as_fn(ref, case), kernel, _inputs(case), dtype=torch.float32, model=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("case", "block_d", "block_l"), [
+    *BACKWARD_CASES[:3], (Case(2, 64, 16, 300, "per_step", "per_step", 1, True, True, True, True, True, True, 9), None,
+                          None)])
+def test_cuda_triton_backward_kernel_matches_reference_gradients(dtype: torch.dtype, case: Case,
+                                                                 block_d: int | None, block_l: int | None) -> None:
+    _backward_kernel_check(case, "cuda", dtype, block_d, block_l)
 
 
 @pytest.mark.gpu
@@ -670,6 +777,8 @@ def test_scan_benchmark_on_cuda_reports_the_kernel_the_peer_and_training_rows() 
     impls = [row.impl for row in rows]
     assert {"reference", "optimized", "optimized:triton", "optimized fwd+bwd"} <= set(impls)
     assert ("peer:mamba_ssm" in impls) == (opt.mamba_ssm_unavailable_reason() == "")
+    # with our Triton forward (mamba-ssm absent) the opt-in backward kernel gets its own row in the same call
+    assert ("optimized fwd+bwd (Triton backward)" in impls) == (opt.mamba_ssm_unavailable_reason() != "")
     sweep = registry["scan_sweep"](BenchArgs(device=torch.device("cuda"), quick=True, repeat=1))
     assert sweep and all(row.ms > 0 and "max |Δ|" in row.note for row in sweep)
 

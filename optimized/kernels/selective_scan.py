@@ -30,12 +30,15 @@ of two BLOCK_N with masks; past the end of the sequence Δ = 0, so Ā = 1 and th
 Tolerances against the float64 reference: the long-scan (MODEL) tolerances, float32 1e-4, bfloat16 5e-2; the
 math runs in float32 whatever the input dtype (exp2 of Δ·A·log2 e: on the GPU one ex2.approx, relative error
 ~2⁻²²). Gradients (`selective_scan_triton_autograd`) recompute the forward with the torch two-level scan
-(`optimized.ssm.chunked_scan`) and differentiate that: correct, not fast. Under `TRITON_INTERPRET=1` the kernel
-runs on CPU tensors (tests call `selective_scan_triton` directly); `compile_for_gpu` checks that it compiles.
+(`optimized.ssm.chunked_scan`) and differentiate that: correct, not fast; with `MEMARCH_SCAN_BACKWARD=triton`
+(opt-in until timed on a GPU) `_selective_scan_bwd` computes them in one launch (specs/ssm.md). Under
+`TRITON_INTERPRET=1` the kernels run on CPU tensors (tests call `selective_scan_triton` and
+`selective_scan_triton_backward` directly); `compile_for_gpu` checks that they compile.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -54,9 +57,6 @@ _jit: Callable[[Callable[..., Any]], Any] = triton.jit  # typed alias: Triton's 
 SHARED, ONE_GROUP, PER_CHANNEL = 0, 1, 2
 # Registers per thread: at most 128 lets 16 single-warp programs share an SM (65536 registers), so the B·D/8 = 2048
 # programs of B = 8, D = 2048 all run at once on 132 SMs (the default tile needs ~148 uncapped; capped, no spills).
-MAX_REGISTERS = 128
-# Registers per thread: 128 lets 16 single-warp programs share an SM (65536 registers), so B·D/8 = 2048
-# programs (B = 8, D = 2048) all run at once on 132 SMs.
 MAX_REGISTERS = 128
 
 
@@ -201,6 +201,176 @@ def _selective_scan_fwd(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bia
     tl.store(last_ptr + state_offs, h, mask=mask_nd)
 
 
+@_jit
+def _delta_at(delta_ptr, io, mask_ld, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):  # type: ignore[no-untyped-def]
+    """Δ at the (BLOCK_L, BLOCK_D) offsets `io` after delta_bias and softplus, 0 where masked; and dΔ/d(raw δ)."""
+    raw = tl.load(delta_ptr + io, mask=mask_ld, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw = raw + bias[None, :]
+    dt = raw
+    slope = tl.full(raw.shape, 1.0, tl.float32)
+    if SOFTPLUS:
+        dt = tl.where(raw <= 20.0, tl.log(1.0 + tl.exp(raw)), raw)
+        slope = tl.where(raw <= 20.0, tl.sigmoid(raw), 1.0)
+    return tl.where(mask_ld, dt, 0.0), slope
+
+
+@_jit
+def _selective_scan_bwd(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, dout_ptr,  # type: ignore[no-untyped-def]
+                        dlast_ptr, ckpt_ptr, du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
+                        dh0_ptr, dim, length, n_state, n_tiles, group_B, group_C,
+                        sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
+                        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+                        SOFTPLUS: tl.constexpr, B_MODE: tl.constexpr, C_MODE: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+    """The selective scan's backward for one (batch b, block of BLOCK_D channels); B and C SHARED or ONE_GROUP.
+
+    Pass 1 walks time forward and stores the state entering every tile (`ckpt`, (B, D, n_tiles, N) float32).
+    Pass 2 walks the tiles in reverse: it recomputes the tile's states h_t from its checkpoint (the forward's
+    associative scan), forms dy = dout ⊙ silu(z) and the adjoint g_t = ∂L/∂h_t = C_t dy_t + Ā_{t+1} g_{t+1} by a
+    reverse associative scan (Ā_{t+1} from Δ loaded one step ahead; the carry from the tile after seeds the last
+    row, `dlast` seeds the end), and reads every gradient off g and h: with Ā_t h_{t−1} = h_t − x_t,
+    dΔ_t = Σ_n g (u B + A (h − x)), du_t = Σ_n g Δ B + D dy, dB_tn = Σ_d g Δ u, dC_tn = Σ_d dy h,
+    dA = Σ_t Δ g (h − x), dD = Σ_t dy u, dz = dout y silu′(z), dh0 = Ā_0 g_0. Sums over channels of a group (dB,
+    dC in ONE_GROUP) are written per program and added in torch; sums over time (dA, dD, dbias, and dB, dC in
+    SHARED) stay in registers and are written per batch row."""
+    b = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1).to(tl.int64)
+    d0 = blk * BLOCK_D
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_l = tl.arange(0, BLOCK_L)
+    mask_d = offs_d < dim
+    mask_n = offs_n < n_state
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    state_offs = (b * dim + offs_d)[None, :] * n_state + offs_n[:, None]  # (BLOCK_N, BLOCK_D) into (B, D, N)
+    A_nat = tl.load(A_ptr + offs_d[None, :] * n_state + offs_n[:, None], mask=mask_nd, other=0.0).to(tl.float32)
+    A = A_nat * 1.4426950408889634  # exp(Δ A) = exp2(Δ A log2 e)
+    D = A_nat
+    bias = A_nat
+    if HAS_D:
+        D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    B_fixed = A_nat
+    if B_MODE == 0:
+        B_fixed = tl.load(B_ptr + (offs_d * sB_g)[None, :] + (offs_n * sB_n)[:, None], mask=mask_nd, other=0.0)
+        B_fixed = B_fixed.to(tl.float32)[None, :, :]
+    C_fixed = A_nat
+    if C_MODE == 0:
+        C_fixed = tl.load(C_ptr + (offs_d * sC_g)[None, :] + (offs_n * sC_n)[:, None], mask=mask_nd, other=0.0)
+        C_fixed = C_fixed.to(tl.float32)[None, :, :]
+    rows = (b * dim + offs_d) * length
+    base_B = b * sB_b
+    if B_MODE == 1:
+        base_B += (d0 // group_B) * sB_g
+    base_C = b * sC_b
+    if C_MODE == 1:
+        base_C += (d0 // group_C) * sC_g
+    ckpt_offs = ((b * dim + offs_d)[None, :] * n_tiles) * n_state + offs_n[:, None]  # + tile · N
+    if HAS_H0:
+        h = tl.load(h0_ptr + state_offs, mask=mask_nd, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # pass 1: the state entering every tile
+    for tile in range(n_tiles):
+        t = tile * BLOCK_L + offs_l
+        mask_l = t < length
+        mask_ld = mask_l[:, None] & mask_d[None, :]
+        tl.store(ckpt_ptr + ckpt_offs + tile * n_state, h, mask=mask_nd)
+        io = rows[None, :] + t[:, None]
+        u = tl.load(u_ptr + io, mask=mask_ld, other=0.0).to(tl.float32)
+        dt, _ = _delta_at(delta_ptr, io, mask_ld, bias, HAS_BIAS, SOFTPLUS)
+        Bm = B_fixed
+        if B_MODE != 0:
+            Bm = _load_matrix(B_ptr, base_B, offs_d, offs_n, t, mask_d, mask_n, mask_l, group_B, sB_g, sB_n, sB_l,
+                              B_MODE)
+        a = tl.exp2(dt[:, None, :] * A[None, :, :])
+        x = (dt * u)[:, None, :] * Bm
+        x = tl.where(offs_l[:, None, None] == 0, a * h[None, :, :] + x, x)
+        a, hs = tl.associative_scan((a, x), 0, _combine)
+        h = tl.sum(tl.where(offs_l[:, None, None] == BLOCK_L - 1, hs, 0.0), axis=0)
+    # pass 2: the tiles in reverse, carrying g at the first row of the tile after (the end: ∂L/∂ last state)
+    carry = tl.load(dlast_ptr + state_offs, mask=mask_nd, other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_D)
+    dA = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dB_sum = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)  # SHARED B, C: sums over time
+    dC_sum = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dD = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dbias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    a0 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)  # Ā at step 0 (for dh0)
+    for back in range(n_tiles):
+        tile = n_tiles - 1 - back
+        t = tile * BLOCK_L + offs_l
+        mask_l = t < length
+        mask_ld = mask_l[:, None] & mask_d[None, :]
+        io = rows[None, :] + t[:, None]
+        u = tl.load(u_ptr + io, mask=mask_ld, other=0.0).to(tl.float32)
+        dt, slope = _delta_at(delta_ptr, io, mask_ld, bias, HAS_BIAS, SOFTPLUS)
+        mask_next = (t + 1 < length)[:, None] & mask_d[None, :]
+        dt_next, _ = _delta_at(delta_ptr, io + 1, mask_next, bias, HAS_BIAS, SOFTPLUS)  # Δ_{t+1}, 0 past the end
+        dout = tl.load(dout_ptr + io, mask=mask_ld, other=0.0).to(tl.float32)
+        Bm = B_fixed
+        if B_MODE != 0:
+            Bm = _load_matrix(B_ptr, base_B, offs_d, offs_n, t, mask_d, mask_n, mask_l, group_B, sB_g, sB_n, sB_l,
+                              B_MODE)
+        Cm = C_fixed
+        if C_MODE != 0:
+            Cm = _load_matrix(C_ptr, base_C, offs_d, offs_n, t, mask_d, mask_n, mask_l, group_C, sC_g, sC_n, sC_l,
+                              C_MODE)
+        h_in = tl.load(ckpt_ptr + ckpt_offs + tile * n_state, mask=mask_nd, other=0.0)
+        a = tl.exp2(dt[:, None, :] * A[None, :, :])  # Ā_t
+        x_in = (dt * u)[:, None, :] * Bm  # Δ u B
+        x = tl.where(offs_l[:, None, None] == 0, a * h_in[None, :, :] + x_in, x_in)
+        _, hs = tl.associative_scan((a, x), 0, _combine)  # h_t
+        y = tl.sum(Cm * hs, axis=1)  # (BLOCK_L, BLOCK_D)
+        if HAS_D:
+            y = y + D[None, :] * u
+        dy = dout
+        if HAS_Z:
+            z = tl.load(z_ptr + io, mask=mask_ld, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(z)
+            dy = dout * z * sig
+            dz = dout * y * sig * (1.0 + z * (1.0 - sig))
+            tl.store(dz_ptr + io, dz, mask=mask_ld)
+        a_next = tl.exp2(dt_next[:, None, :] * A[None, :, :])  # Ā_{t+1}
+        xg = Cm * dy[:, None, :]
+        xg = tl.where(offs_l[:, None, None] == BLOCK_L - 1, xg + a_next * carry[None, :, :], xg)
+        _, g = tl.associative_scan((a_next, xg), 0, _combine, reverse=True)  # g_t = xg_t + Ā_{t+1} g_{t+1}
+        carry = tl.sum(tl.where(offs_l[:, None, None] == 0, g, 0.0), axis=0)  # g at the tile's first step
+        a0 = tl.sum(tl.where(offs_l[:, None, None] == 0, a, 0.0), axis=0)
+        decayed = hs - x_in  # Ā_t h_{t−1}
+        ddt = tl.sum(g * (u[:, None, :] * Bm + A_nat[None, :, :] * decayed), axis=1)  # (BLOCK_L, BLOCK_D)
+        du = tl.sum(g * Bm, axis=1) * dt
+        if HAS_D:
+            du = du + D[None, :] * dy
+            dD += tl.sum(dy * u, axis=0)
+        ddt = tl.where(mask_ld, ddt * slope, 0.0)  # through softplus: d/d(δ + bias)
+        tl.store(du_ptr + io, du, mask=mask_ld)
+        tl.store(ddelta_ptr + io, ddt, mask=mask_ld)
+        dbias += tl.sum(ddt, axis=0)
+        dA += tl.sum(g * decayed * dt[:, None, :], axis=0)
+        gB = g * (dt * u)[:, None, :]  # ∂L/∂B per channel (BLOCK_L, BLOCK_N, BLOCK_D)
+        gC = hs * dy[:, None, :]
+        if B_MODE == 0:
+            dB_sum += tl.sum(gB, axis=0)
+        else:  # partial over this program's channels: (B, programs, N, L)
+            part = ((b * tl.num_programs(1) + blk) * n_state + offs_n[None, :]) * length + t[:, None]
+            tl.store(dB_ptr + part, tl.sum(gB, axis=2), mask=mask_l[:, None] & mask_n[None, :])
+        if C_MODE == 0:
+            dC_sum += tl.sum(gC, axis=0)
+        else:
+            part = ((b * tl.num_programs(1) + blk) * n_state + offs_n[None, :]) * length + t[:, None]
+            tl.store(dC_ptr + part, tl.sum(gC, axis=2), mask=mask_l[:, None] & mask_n[None, :])
+    tl.store(dA_ptr + state_offs, dA, mask=mask_nd)  # per batch row: (B, D, N)
+    if B_MODE == 0:
+        tl.store(dB_ptr + state_offs, dB_sum, mask=mask_nd)
+    if C_MODE == 0:
+        tl.store(dC_ptr + state_offs, dC_sum, mask=mask_nd)
+    tl.store(dD_ptr + b * dim + offs_d, dD, mask=mask_d)
+    tl.store(dbias_ptr + b * dim + offs_d, dbias, mask=mask_d)
+    tl.store(dh0_ptr + state_offs, a0 * carry, mask=mask_nd)  # ∂L/∂h0 = Ā_0 g_0
+
+
 def _matrix_strides(x: Tensor, dim: int) -> tuple[int, int, int, int, int]:
     """(channels per group, stride of batch, group, state, time) for B or C in any of mamba-ssm's layouts."""
     if x.ndim == 2:  # (D, N): one "group" per channel, no batch or time stride
@@ -262,35 +432,119 @@ def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     return out, last
 
 
+def triton_backward_supported(u: Tensor, B: Tensor, C: Tensor, block_d: int | None = None) -> bool:
+    """Whether `selective_scan_triton_backward` takes these B, C layouts (SHARED or ONE_GROUP; not PER_CHANNEL)."""
+    dim, n_state = u.shape[1], B.shape[-2] if B.ndim > 2 else B.shape[1]
+    block = block_d or default_blocks(n_state)[0]
+    return all(_matrix_mode(x, _matrix_strides(x, dim)[0], block) != PER_CHANNEL for x in (B, C))
+
+
+def _matrix_grad(partial: Tensor, x: Tensor, block_d: int) -> Tensor:
+    """dB or dC in x's layout from the kernel's partial sums: (B, D, N) per batch row for SHARED, (B, programs,
+    N, L) per program for ONE_GROUP."""
+    if x.ndim == 2:
+        return partial.sum(0)
+    if x.ndim == 3:
+        return partial.sum(1)
+    batch, programs, n_state, length = partial.shape
+    groups = x.shape[1]
+    return partial.view(batch, groups, programs // groups, n_state, length).sum(2)
+
+
+def selective_scan_triton_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                                   z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool,
+                                   initial_state: Tensor | None, grad_out: Tensor, grad_last: Tensor | None, *,
+                                   block_d: int | None = None, block_l: int | None = None,
+                                   num_warps: int = 1) -> tuple[Tensor | None, ...]:
+    """Gradients of (out, last_state) of `selective_scan_triton` with respect to (u, delta, A, B, C, D, z,
+    delta_bias, initial_state) — None for the absent ones — by `_selective_scan_bwd` (one launch; B and C as
+    SHARED or ONE_GROUP: see `triton_backward_supported`). Each in its input's dtype and layout. Scratch: the state
+    entering every tile, B·D·N·⌈L/BLOCK_L⌉ float32, and for ONE_GROUP B or C a (B, D/BLOCK_D, N, L) float32
+    partial sum."""
+    batch, dim, length = u.shape
+    n_state = A.shape[1]
+    block_n = max(2, triton.next_power_of_2(n_state))
+    default_d, default_l = default_blocks(n_state)
+    block_d = block_d or default_d
+    block_l = block_l or default_l
+    u_c, delta_c, dout = u.contiguous(), delta.contiguous(), grad_out.contiguous()
+    z_c = z.contiguous() if z is not None else u_c
+    A_c = A.float().contiguous()
+    D_c = D.float().contiguous() if D is not None else A_c
+    bias_c = delta_bias.float().contiguous() if delta_bias is not None else A_c
+    h0 = initial_state.float().contiguous() if initial_state is not None else A_c
+    dlast = (grad_last.float().contiguous() if grad_last is not None
+             else torch.zeros(batch, dim, n_state, device=u.device, dtype=torch.float32))
+    group_B, *strides_B = _matrix_strides(B, dim)
+    group_C, *strides_C = _matrix_strides(C, dim)
+    B_mode, C_mode = _matrix_mode(B, group_B, block_d), _matrix_mode(C, group_C, block_d)
+    if PER_CHANNEL in (B_mode, C_mode):
+        raise ValueError("selective_scan_triton_backward: B or C is grouped so that a group does not fill whole "
+                         f"blocks of {block_d} channels (per-channel reads); use the torch backward for it")
+    programs = triton.cdiv(dim, block_d)
+    n_tiles = max(1, triton.cdiv(length, block_l))
+    def f32(*shape: int) -> Tensor:
+        return torch.empty(*shape, device=u.device, dtype=torch.float32)
+
+    ckpt = f32(batch, dim, n_tiles, n_state)
+    du, ddelta = f32(batch, dim, length), f32(batch, dim, length)
+    dz = f32(batch, dim, length) if z is not None else du
+    dA, dh0 = f32(batch, dim, n_state), f32(batch, dim, n_state)
+    dD, dbias = f32(batch, dim), f32(batch, dim)
+    dB_part = f32(batch, dim, n_state) if B_mode == SHARED else f32(batch, programs, n_state, length)
+    dC_part = f32(batch, dim, n_state) if C_mode == SHARED else f32(batch, programs, n_state, length)
+    _selective_scan_bwd[(batch, programs)](
+        u_c, delta_c, A_c, B, C, D_c, z_c, bias_c, h0, dout, dlast, ckpt, du, ddelta, dz, dA, dB_part, dC_part, dD,
+        dbias, dh0, dim, length, n_state, n_tiles, group_B, group_C, *strides_B, *strides_C, HAS_D=D is not None,
+        HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=initial_state is not None,
+        SOFTPLUS=delta_softplus, B_MODE=B_mode, C_MODE=C_mode, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l,
+        num_warps=num_warps)
+    return (du.to(u.dtype), ddelta.to(delta.dtype), dA.sum(0).to(A.dtype),
+            _matrix_grad(dB_part, B, block_d).to(B.dtype), _matrix_grad(dC_part, C, block_d).to(C.dtype),
+            dD.sum(0).to(D.dtype) if D is not None else None, dz.to(z.dtype) if z is not None else None,
+            dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None,
+            dh0.to(initial_state.dtype) if initial_state is not None else None)
+
+
 def compile_for_gpu(capability: int = 90, dtype: str = "bf16", *, options: bool = True, matrix_mode: int = ONE_GROUP,
                     block_d: int = 8, block_n: int = 16, block_l: int = 4, num_warps: int = 1,
-                    maxnreg: int | None = MAX_REGISTERS) -> Any:
+                    maxnreg: int | None = MAX_REGISTERS, backward: bool = False) -> Any:
     """Compile `_selective_scan_fwd` ahead of time for CUDA compute capability `capability` (90: H100) with
     (u, delta, B, C, z, out) in `dtype` ("fp32", "fp16", "bf16"), every option on or off and B, C read as
     `matrix_mode` (SHARED, ONE_GROUP, PER_CHANNEL); no GPU needed (Triton's frontend, its passes and ptxas run on
     the CPU). This is the check `TRITON_INTERPRET=1` cannot make, so it must run in a process without that
-    variable (the tests use a subprocess). Returns Triton's compiled kernel."""
+    variable (the tests use a subprocess). With `backward`, `_selective_scan_bwd` instead (`matrix_mode` SHARED
+    or ONE_GROUP; the gradient buffers float32). Returns Triton's compiled kernel."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    names: list[str] = _selective_scan_fwd.arg_names
+    kernel = _selective_scan_bwd if backward else _selective_scan_fwd
+    names: list[str] = kernel.arg_names
     constexprs = {"HAS_D": options, "HAS_Z": options, "HAS_BIAS": options, "HAS_H0": options, "SOFTPLUS": options,
                   "B_MODE": matrix_mode, "C_MODE": matrix_mode, "BLOCK_D": block_d, "BLOCK_N": block_n,
                   "BLOCK_L": block_l}
-    io = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr"}  # in the input dtype; A, D, bias, h0: fp32
+    io = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "dout_ptr"}  # input dtype; the rest fp32
     signature = {name: "constexpr" if name in constexprs else (f"*{dtype}" if name in io else "*fp32")
                  if name.endswith("_ptr") else "i32" for name in names}
     # as Triton specialises a typical launch: pointers 16-byte aligned, sizes and strides multiples of 16
-    aligned = [name for name in names if name not in constexprs and name not in {"n_state", "sB_l", "sC_l"}]
-    source = ASTSource(fn=_selective_scan_fwd, signature=signature,
+    aligned = [name for name in names if name not in constexprs
+               and name not in {"n_state", "n_tiles", "sB_l", "sC_l"}]
+    source = ASTSource(fn=kernel, signature=signature,
                        constexprs={(names.index(name),): value for name, value in constexprs.items()},
                        attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned})
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
                           options={"num_warps": num_warps, "maxnreg": maxnreg})
 
 
+def use_triton_backward(u: Tensor, B: Tensor, C: Tensor) -> bool:
+    """The backward kernel is opt-in (`MEMARCH_SCAN_BACKWARD=triton`) until it is timed on a GPU, and takes B and C
+    as SHARED or ONE_GROUP only."""
+    return os.environ.get("MEMARCH_SCAN_BACKWARD", "torch") == "triton" and triton_backward_supported(u, B, C)
+
+
 class _TritonScan(torch.autograd.Function):
-    """Forward by the kernel; backward by differentiating the torch two-level scan (recomputed under grad)."""
+    """Forward by the kernel; backward by differentiating the torch two-level scan (recomputed under grad), or,
+    opted in (`use_triton_backward`), by `_selective_scan_bwd`."""
 
     @staticmethod
     def forward(ctx: Any, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
@@ -308,6 +562,11 @@ class _TritonScan(torch.autograd.Function):
                                        for t in ctx.saved_tensors]
         u, delta, A, B, C, D, z, delta_bias, initial_state = inputs
         assert u is not None and delta is not None and A is not None and B is not None and C is not None
+        if use_triton_backward(u, B, C):
+            found = selective_scan_triton_backward(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus,
+                                                   initial_state, grad_out, grad_last)
+            kept = [g if t is not None and t.requires_grad else None for g, t in zip(found, inputs, strict=True)]
+            return (*kept[:8], None, kept[8])
         with torch.enable_grad():
             out, last = chunked_scan(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, initial_state)
             wanted = [t for t in inputs if t is not None and t.requires_grad]

@@ -13,6 +13,7 @@ ratio to mamba-ssm.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Callable
 from typing import cast
@@ -139,6 +140,24 @@ def _training_rows(args: BenchArgs, params: str, inputs: tuple[torch.Tensor, ...
         ms = time_fn(step(fn), args.device, repeat=args.repeat)
         rows.append(BenchRow(op=OP, impl=impl, params=params, ms=ms, dispatch=dispatch,
                              note=f"{ref_ms / ms:.1f}x reference" if ref_ms is not None else ""))
+    if timed[0][2] == "triton":  # the opt-in backward kernel (MEMARCH_SCAN_BACKWARD=triton), A/B in the same call
+        from optimized.kernels.selective_scan import triton_backward_supported
+
+        u, _, _, B, C, *_ = leaves
+        if triton_backward_supported(u, B, C):
+            old = os.environ.get("MEMARCH_SCAN_BACKWARD")
+            os.environ["MEMARCH_SCAN_BACKWARD"] = "triton"
+            try:
+                ms = time_fn(step(optimized), args.device, repeat=args.repeat)
+            finally:
+                if old is None:
+                    del os.environ["MEMARCH_SCAN_BACKWARD"]
+                else:
+                    os.environ["MEMARCH_SCAN_BACKWARD"] = old
+            default_ms = rows[-len(timed)].ms
+            rows.append(BenchRow(op=OP, impl="optimized fwd+bwd (Triton backward)", params=params, ms=ms,
+                                 dispatch="triton", note=f"{default_ms / ms:.1f}x the default fwd+bwd "
+                                                         "(MEMARCH_SCAN_BACKWARD=triton)"))
     return rows
 
 
