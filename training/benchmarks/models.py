@@ -87,11 +87,13 @@ def bench_model(name: str, args: BenchArgs, *, seq_lens: Sequence[int], batch_si
     cfg = model_config(name, args.extra.get("model_overrides"))
     rows: list[BenchRow] = []
     ref_amp = (False, True) if args.extra.get("ref_autocast") and device.type == "cuda" else (False,)
-    plan: list[tuple[str, bool, bool, int]] = [("reference", False, amp, L) for amp in ref_amp
-                                               for L in (ref_seq_lens or seq_lens)
-                                               if not args.extra.get("no_reference")]
-    plan += [("optimized", compiled, amp, L) for compiled in compile_modes for amp in autocast for L in seq_lens
-             if not (amp and device.type != "cuda")]
+    # the optimized rows first: they take seconds, the reference's minutes, so a run cut off by a time limit keeps
+    # every optimized row and the reference rows it reached (shortest L first)
+    plan: list[tuple[str, bool, bool, int]] = [
+        ("optimized", compiled, amp, L) for compiled in compile_modes for amp in autocast for L in seq_lens
+        if not (amp and device.type != "cuda")]
+    plan += [("reference", False, amp, L) for amp in ref_amp for L in sorted(ref_seq_lens or seq_lens)
+             if not args.extra.get("no_reference")]
     for impl, compiled, amp, L in plan:
         torch.manual_seed(0)
         reference = impl == "reference"
