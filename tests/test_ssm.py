@@ -563,6 +563,18 @@ def test_triton_backward_kernel_matches_reference_gradients(case: Case, block_d:
 
 
 @needs_interpreter
+@given(case=cases(), block_d=st.sampled_from([1, 2]), block_l=st.sampled_from([1, 2, 4]))
+def test_triton_backward_kernel_matches_reference_gradients_for_drawn_cases(case: Case, block_d: int,
+                                                                          block_l: int) -> None:
+    from optimized.kernels.selective_scan import triton_backward_supported
+
+    u, _, _, B, C, *_ = _inputs(case)
+    assert u is not None and B is not None and C is not None
+    assume(triton_backward_supported(u, B, C, block_d))
+    _backward_kernel_check(case, block_d=block_d, block_l=block_l)
+
+
+@needs_interpreter
 def test_triton_backward_kernel_refuses_per_channel_groups_and_autograd_falls_back() -> None:
     from optimized.kernels.selective_scan import (
         selective_scan_triton_backward,

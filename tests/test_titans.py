@@ -302,6 +302,21 @@ def test_operands_kernel_equals_the_torch_operands(L: int, C: int, dk: int, dv: 
 
 
 @needs_interpreter
+@given(seed=seeds, L=st.integers(1, 40), C=st.integers(1, 16), dk=st.integers(1, 20), dv=st.integers(1, 20),
+       lam=st.sampled_from([0.0, 0.05]))
+def test_operands_kernel_equals_the_torch_operands_for_drawn_sizes(seed: int, L: int, C: int, dk: int, dv: int,
+                                                                   lam: float) -> None:
+    from optimized.kernels.titans import _kernel_operands, _operands_triton
+
+    main = (L // C) * C
+    inputs = operand_inputs(seed, 1, 2, L, dk, dv)
+    expected = _kernel_operands(*cast_six(inputs, F64, length=main), C, lam, F64)
+    got = _operands_triton(*cast_six(inputs, torch.float32, length=main), C, lam, torch.float32)
+    for name, e, g in zip(["k", "v", "P", "Z", "y_c", "vecs", "scalars"], expected, got, strict=True):
+        assert_close_scaled(g, e, tolerance(torch.float32), name)
+
+
+@needs_interpreter
 def test_operands_kernel_in_float16_keeps_float32_coefficients() -> None:
     from optimized.kernels.titans import _kernel_operands, _operands_triton
 
