@@ -136,23 +136,21 @@ def _scan_tile(h, u, dt, z, B_tile, C_tile, B_fixed, C_fixed, A, D, bias, out_pt
 
 
 @_jit
-def _selective_scan_fwd(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, out_ptr,  # type: ignore[no-untyped-def]
-                        last_ptr, dim, length, n_state, group_B, group_C,
-                        sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
-                        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-                        SOFTPLUS: tl.constexpr, B_MODE: tl.constexpr, C_MODE: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    d0 = tl.program_id(1) * BLOCK_D
+def _program_setup(b, d0, A_ptr, D_ptr, bias_ptr, B_ptr, C_ptr, h0_ptr, dim, length, n_state, group_B,  # type: ignore[no-untyped-def]
+                   group_C, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   HAS_H0: tl.constexpr, B_MODE: tl.constexpr, C_MODE: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """What the forward and the backward kernel load once per program (batch row b, channels d0 …): index tiles
+    and masks, A (float32, natural units), D, delta_bias, B and C when SHARED (broadcastable to (BLOCK_L, BLOCK_N,
+    BLOCK_D)), the rows of u/Δ/z, the bases of B and C when ONE_GROUP, and the start state h (BLOCK_N, BLOCK_D).
+    Absent options get stand-ins (A) that are never read."""
     offs_d = d0 + tl.arange(0, BLOCK_D)  # (BLOCK_D,) channels
     offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,) states
-    offs_l = tl.arange(0, BLOCK_L)  # (BLOCK_L,) steps of a tile
     mask_d = offs_d < dim
     mask_n = offs_n < n_state
     mask_nd = mask_n[:, None] & mask_d[None, :]
     state_offs = (b * dim + offs_d)[None, :] * n_state + offs_n[:, None]  # (BLOCK_N, BLOCK_D) into (B, D, N)
     A = tl.load(A_ptr + offs_d[None, :] * n_state + offs_n[:, None], mask=mask_nd, other=0.0).to(tl.float32)
-    A = A * 1.4426950408889634  # exp(Δ A) = exp2(Δ A log2 e); padded states: A = 0, Ā = 1, no input
     if HAS_H0:
         h = tl.load(h0_ptr + state_offs, mask=mask_nd, other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_D)
     else:
@@ -178,6 +176,23 @@ def _selective_scan_fwd(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bia
     base_C = b * sC_b
     if C_MODE == 1:
         base_C += (d0 // group_C) * sC_g
+    return offs_d, offs_n, mask_d, mask_n, mask_nd, state_offs, A, D, bias, B_fixed, C_fixed, rows, base_B, base_C, h
+
+
+@_jit
+def _selective_scan_fwd(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, out_ptr,  # type: ignore[no-untyped-def]
+                        last_ptr, dim, length, n_state, group_B, group_C,
+                        sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
+                        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+                        SOFTPLUS: tl.constexpr, B_MODE: tl.constexpr, C_MODE: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    d0 = tl.program_id(1) * BLOCK_D
+    offs_d, offs_n, mask_d, mask_n, mask_nd, state_offs, A, D, bias, B_fixed, C_fixed, rows, base_B, base_C, h = \
+        _program_setup(b, d0, A_ptr, D_ptr, bias_ptr, B_ptr, C_ptr, h0_ptr, dim, length, n_state, group_B, group_C,
+                       sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, HAS_D, HAS_BIAS, HAS_H0, B_MODE, C_MODE, BLOCK_D, BLOCK_N)
+    offs_l = tl.arange(0, BLOCK_L)  # (BLOCK_L,) steps of a tile
+    A = A * 1.4426950408889634  # exp(Δ A) = exp2(Δ A log2 e); padded states: A = 0, Ā = 1, no input
     # two tile slots, each reloaded (two tiles ahead) as soon as it is scanned, so a tile's loads are in flight
     # while the previous one is computed; the slots alternate, so no register copies (a third slot spills)
     u1, dt1, z1, B1, C1 = _load_tile(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, rows, base_B, base_C, offs_d, offs_n,
@@ -237,41 +252,12 @@ def _selective_scan_bwd(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bia
     b = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1).to(tl.int64)
     d0 = blk * BLOCK_D
-    offs_d = d0 + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_l = tl.arange(0, BLOCK_L)
-    mask_d = offs_d < dim
-    mask_n = offs_n < n_state
-    mask_nd = mask_n[:, None] & mask_d[None, :]
-    state_offs = (b * dim + offs_d)[None, :] * n_state + offs_n[:, None]  # (BLOCK_N, BLOCK_D) into (B, D, N)
-    A_nat = tl.load(A_ptr + offs_d[None, :] * n_state + offs_n[:, None], mask=mask_nd, other=0.0).to(tl.float32)
+    offs_d, offs_n, mask_d, mask_n, mask_nd, state_offs, A_nat, D, bias, B_fixed, C_fixed, rows, base_B, base_C, h = \
+        _program_setup(b, d0, A_ptr, D_ptr, bias_ptr, B_ptr, C_ptr, h0_ptr, dim, length, n_state, group_B, group_C,
+                       sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, HAS_D, HAS_BIAS, HAS_H0, B_MODE, C_MODE, BLOCK_D, BLOCK_N)
+    offs_l = tl.arange(0, BLOCK_L)  # (BLOCK_L,) steps of a tile
     A = A_nat * 1.4426950408889634  # exp(Δ A) = exp2(Δ A log2 e)
-    D = A_nat
-    bias = A_nat
-    if HAS_D:
-        D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    B_fixed = A_nat
-    if B_MODE == 0:
-        B_fixed = tl.load(B_ptr + (offs_d * sB_g)[None, :] + (offs_n * sB_n)[:, None], mask=mask_nd, other=0.0)
-        B_fixed = B_fixed.to(tl.float32)[None, :, :]
-    C_fixed = A_nat
-    if C_MODE == 0:
-        C_fixed = tl.load(C_ptr + (offs_d * sC_g)[None, :] + (offs_n * sC_n)[:, None], mask=mask_nd, other=0.0)
-        C_fixed = C_fixed.to(tl.float32)[None, :, :]
-    rows = (b * dim + offs_d) * length
-    base_B = b * sB_b
-    if B_MODE == 1:
-        base_B += (d0 // group_B) * sB_g
-    base_C = b * sC_b
-    if C_MODE == 1:
-        base_C += (d0 // group_C) * sC_g
     ckpt_offs = ((b * dim + offs_d)[None, :] * n_tiles) * n_state + offs_n[:, None]  # + tile · N
-    if HAS_H0:
-        h = tl.load(h0_ptr + state_offs, mask=mask_nd, other=0.0).to(tl.float32)
-    else:
-        h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # pass 1: the state entering every tile
     for tile in range(n_tiles):
         t = tile * BLOCK_L + offs_l
