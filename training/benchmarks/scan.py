@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Callable
 from typing import cast
+from unittest import mock
 
 import torch
 
@@ -145,15 +146,8 @@ def _training_rows(args: BenchArgs, params: str, inputs: tuple[torch.Tensor, ...
 
         u, _, _, B, C, *_ = leaves
         if triton_backward_supported(u, B, C):
-            old = os.environ.get("MEMARCH_SCAN_BACKWARD")
-            os.environ["MEMARCH_SCAN_BACKWARD"] = "triton"
-            try:
+            with mock.patch.dict(os.environ, {"MEMARCH_SCAN_BACKWARD": "triton"}):
                 ms = time_fn(step(optimized), args.device, repeat=args.repeat)
-            finally:
-                if old is None:
-                    del os.environ["MEMARCH_SCAN_BACKWARD"]
-                else:
-                    os.environ["MEMARCH_SCAN_BACKWARD"] = old
             default_ms = rows[-len(timed)].ms
             rows.append(BenchRow(op=OP, impl="optimized fwd+bwd (Triton backward)", params=params, ms=ms,
                                  dispatch="triton", note=f"{default_ms / ms:.1f}x the default fwd+bwd "
