@@ -44,6 +44,14 @@ quick=()
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/machine.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/machine.txt"
 
+wait_for_mamba() {  # once: the ops and the comparison tests want mamba-ssm's kernel built
+  [ -z "$build_pid" ] && return
+  timeout "${MAMBA_WAIT:-120}" tail --pid="$build_pid" -f /dev/null
+  ls /tmp/mamba/mamba_ssm-*/selective_scan_cuda*.so > /dev/null 2>&1 && echo "mamba-ssm extension built" \
+    || { echo "mamba-ssm extension not built (see mamba_build.log)"; tail -n 5 "$OUT/mamba_build.log"; }
+  build_pid=""
+}
+
 STAGES=${STAGES:-tests ops models}
 stage() { [[ " $STAGES " == *" $1 "* ]]; }
 tests_rc=0
@@ -54,9 +62,7 @@ timeout "${GPU_TEST_TIMEOUT:-200}" python3 tests/run.py -m gpu -q -p no:cachepro
 tests_rc=$?
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log" | tail -n 40
 if [ -n "$build_pid" ]; then
-  timeout "${MAMBA_WAIT:-120}" tail --pid="$build_pid" -f /dev/null
-  ls /tmp/mamba/mamba_ssm-*/selective_scan_cuda*.so > /dev/null 2>&1 && echo "mamba-ssm extension built" \
-    || { echo "mamba-ssm extension not built (see mamba_build.log)"; tail -n 5 "$OUT/mamba_build.log"; }
+  wait_for_mamba
   # with the extension importable: our reference against mamba-ssm's selective_scan_ref (a CPU test, so no `-m gpu`)
   # and the CUDA scan tests, whose default dispatch is now mamba-ssm's kernel
   python3 tests/run.py -q -p no:cacheprovider tests/test_ssm.py -k "mamba or test_cuda_scan" 2>&1 | tail -n 5 \
@@ -67,6 +73,7 @@ fi
 if stage ops; then
 echo "== op benchmarks"
 for op in ${OPS:-$(python3 scripts/bench.py --list | grep -v _sweep)}; do  # the *_sweep tuning runs only when named
+  case "$op" in scan|scan_sweep) wait_for_mamba ;; esac  # the peer row and the default branch need the build
   # per-op limits: GPU_OP_TIMEOUT_<op> (deq, hopfield and titans time slow references and autotuning peers)
   limit_var="GPU_OP_TIMEOUT_$op"; case "$op" in deq|hopfield|titans|scan_sweep|titans_sweep) default=150 ;; *) default=50 ;; esac
   # each row also goes to stderr as it is measured ("# row: ..."): kept in the log, left out of the tables

@@ -591,13 +591,24 @@ def test_triton_backward_kernel_refuses_per_channel_groups_and_autograd_falls_ba
     assert not use_triton_backward(u, B, C)
 
 
+def test_scan_backward_switch_names_its_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    from optimized.kernels.selective_scan import use_triton_backward
+
+    u, B = torch.zeros(1, 4, 3), torch.zeros(4, 2)
+    monkeypatch.setenv("MEMARCH_SCAN_BACKWARD", "torch")
+    assert not use_triton_backward(u, B, B)
+    monkeypatch.setenv("MEMARCH_SCAN_BACKWARD", "cuda")
+    with pytest.raises(ValueError, match="'triton' or 'torch'"):
+        use_triton_backward(u, B, B)
+
+
 @needs_interpreter
-def test_triton_autograd_wrapper_uses_the_backward_kernel_when_opted_in(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_triton_autograd_wrapper_uses_the_backward_kernel_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     from optimized.kernels.selective_scan import selective_scan_triton_autograd
 
     case = Case(batch=2, dim=8, n_state=3, length=7, b_layout="per_step", c_layout="shared", groups=1, has_D=True,
                 has_z=True, has_bias=True, softplus=True, last_state=True, has_h0=True, seed=8)
-    monkeypatch.setenv("MEMARCH_SCAN_BACKWARD", "triton")
+    monkeypatch.delenv("MEMARCH_SCAN_BACKWARD", raising=False)
 
     def no_torch_backward(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the torch chunked backward ran: the kernel was not used")
