@@ -584,9 +584,9 @@ def test_titans_sweep_benchmark_on_cuda_times_the_operands_and_every_launch() ->
 
     rows = discover()["titans_sweep"](BenchArgs(device=torch.device("cuda"), quick=True, repeat=1))
     impls = [row.impl for row in rows]
-    assert impls[:4] == ["optimized: torch operands", "optimized: forward (default launch)",
-                         "optimized: Triton operands", "optimized: forward (operands=triton)"]
-    assert all(row.ms > 0 for row in rows[:4]) and "max |Δ|" in rows[3].note
+    assert impls[:4] == ["optimized: torch operands", "optimized: forward (operands=torch)",
+                         "optimized: Triton operands", "optimized: forward (default launch)"]
+    assert all(row.ms > 0 for row in rows[:4]) and "max |Δ|" in rows[1].note
     launches = rows[4:]
     failed = [(row.params, row.note) for row in launches if not (row.ms > 0 and "max |Δ|" in row.note)]
     assert len(launches) == 10 and not failed, failed
