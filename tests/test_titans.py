@@ -225,7 +225,7 @@ needs_interpreter = pytest.mark.skipif(not (triton_available() and triton_interp
 
 
 def kernel_fn(C: int, lam: float, *, with_state: bool = True, autograd: bool = False,  # type: ignore[no-untyped-def]
-              operands: str = "torch"):
+              operands: str = "triton"):
     """The Triton entry (forward only, or the autograd wrapper) with `chunked`'s argument list."""
     from optimized.kernels.titans import titans_memory_triton, titans_memory_triton_autograd
 
@@ -332,11 +332,11 @@ def test_operands_kernel_in_float16_keeps_float32_coefficients() -> None:
 @needs_interpreter
 @pytest.mark.parametrize(("L", "C", "dk", "dv", "lam", "with_state"), [KERNEL_CASES[1], KERNEL_CASES[2],
                                                                        KERNEL_CASES[5]])
-def test_triton_kernel_with_triton_operands_matches_reference_with_gradients(L: int, C: int, dk: int, dv: int,
-                                                                             lam: float, with_state: bool) -> None:
+def test_triton_kernel_with_torch_operands_matches_reference_with_gradients(L: int, C: int, dk: int, dv: int,
+                                                                            lam: float, with_state: bool) -> None:
     inputs = memory_inputs(L + C + 1, 1, 2, L, dk, dv)
     assert_equivalent(reference_fn(C, lam, with_state=with_state),
-                      kernel_fn(C, lam, with_state=with_state, autograd=True, operands="triton"), inputs,
+                      kernel_fn(C, lam, with_state=with_state, autograd=True, operands="torch"), inputs,
                       dtype=torch.float32)
 
 

@@ -400,8 +400,8 @@ def titans_memory_triton(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Te
                          operands: str = "triton") -> tuple[Tensor, Tensor, Tensor]:
     """Forward only: (y (B, H, L, d_v), M, S (B, H, d_k, d_v)), all in v's dtype, as
     `optimized.titans.titans_memory_chunked` (inputs already validated). `block_v` value columns per program
-    (a power of two; default: see `_blocks`); `operands="triton"` forms the state-independent operands in one
-    launch (`_operands_triton`) instead of torch's batched ops (`_kernel_operands`)."""
+    (a power of two; default: see `_blocks`); `operands="triton"` (the default) forms the state-independent
+    operands in one launch (`_operands_triton`), `"torch"` by torch's batched ops (`_kernel_operands`)."""
     from optimized.titans import _compute_dtype, torch_chunked
 
     L = k.shape[2]
