@@ -180,7 +180,7 @@ def decayed_cumsum(u: Tensor, lam: Tensor, state: Tensor | None = None, *, chunk
         P = torch.cumprod(lam_c, dim=-1)  # (B, S, C)
         M_c = torch.einsum("bstr,brsx->btsx", W, u_c) + P.transpose(1, 2)[..., None] * M[:, None]
         chunks.append(M_c)
-        M = M_c[:, -1]
+        M = M_c[:, -1].clone()  # a view would keep every chunk's M_c alive (saved for backward) past the cat
     return torch.cat(chunks, dim=1).to(out_dtype)
 
 
