@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from reference import vsa
 from reference.primitives import CausalDepthwiseConv1d
@@ -53,6 +54,7 @@ class HAMTConfig:
     read_eps: float = 1e-6  # eps of the RMS normalisation of every read [VSA-11]
     init_std: float = 0.02
     chunk_size: int = 64  # chunk length of the optimized memory scan (does not change the result)
+    memory_checkpoint: bool = False  # [HAMT-12] recompute the slot memory's sequence pass in backward
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, allowed: str) -> None:
@@ -68,6 +70,7 @@ class HAMTConfig:
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name,
                  "an integer >= 0 (0: the default width)")
         need(self.binding in ("elementwise", "circular"), "binding", "one of 'elementwise', 'circular'")
+        need(isinstance(self.memory_checkpoint, bool), "memory_checkpoint", "true or false")
         need(math.isfinite(self.aux_loss_weight) and self.aux_loss_weight >= 0, "aux_loss_weight", "a number >= 0")
         need(0 < self.decay <= 1, "decay", "a number in (0, 1]")
         for name in ("norm_eps", "read_eps", "init_std"):
@@ -202,6 +205,16 @@ class HAMTLayer(nn.Module):
         g, lam = self.gate(x)  # (..., S) each
         return k, v, q, g, lam
 
+    def run_memory(self, k: Tensor, v: Tensor, q: Tensor, g: Tensor, lam: Tensor,
+                   state: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The slot memory over a sequence: (reads (B, L, S, D), last state (B, S, D)); with
+        `memory_checkpoint`, under grad, through `torch.utils.checkpoint` ([HAMT-12]): same values and gradients,
+        only the inputs kept for backward."""
+        if self.config.memory_checkpoint and torch.is_grad_enabled():
+            result = checkpoint(self.memory, k, v, q, g, lam, state, use_reentrant=False)
+            return cast(tuple[Tensor, Tensor], result)
+        return self.memory(k, v, q, g, lam, state)
+
     def mix(self, x: Tensor, reads: Tensor) -> Tensor:
         """[HAMT-7] [HAMT-8] reads (..., S, D) -> h = LN(x + W_o mean_s r_s), y = LN(h + FFN(h)) (..., H)."""
         h = self.norm_memory(x + self.out(reads.mean(dim=-2)))
@@ -211,7 +224,7 @@ class HAMTLayer(nn.Module):
                             state: Tensor | None) -> Tensor:
         """[HAMT-10] Retrieve what was written: unbind every slot with the write key k_t, decode, and compare
         with the (gradient-stopped) layer input: mean_{b,t} ‖W_rec mean_s rms(unbind(M_t, k_t)) − sg(x_t)‖²/H."""
-        recalled, _ = self.memory(k, v, k, g, lam, state)  # (B, L, S, D)
+        recalled, _ = self.run_memory(k, v, k, g, lam, state)  # (B, L, S, D)
         decoded = self.reconstruct(recalled.mean(dim=-2))  # (B, L, H)
         return (decoded - x.detach()).pow(2).mean()
 
@@ -222,7 +235,7 @@ class HAMTLayer(nn.Module):
         self.check_layer_input(x, state, context, "HAMTLayer.forward")
         z, window = self.key_sequence(x, context)
         k, v, q, g, lam = self.projections(x, z)
-        reads, last = self.memory(k, v, q, g, lam, state)  # (B, L, S, D), (B, S, D)
+        reads, last = self.run_memory(k, v, q, g, lam, state)  # (B, L, S, D), (B, S, D)
         aux = self.reconstruction_loss(x, k, v, g, lam, state) if with_aux else None
         gates = torch.stack([g.detach().mean(), lam.detach().mean()])
         return self.mix(x, reads), last, window, aux, gates

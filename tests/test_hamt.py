@@ -230,6 +230,42 @@ def test_aux_loss_trains_the_decoder_and_is_off_in_eval_mode() -> None:
     assert float(build(opt, tiny_config(aux_loss_weight=0.0))(tokens(cfg, (2, 6), 0))["aux_loss"]) == 0.0
 
 
+def _saved_bytes(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, Any], int]:
+    """The model's output and the bytes of the distinct storages autograd keeps for backward."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    return out, sum(storages.values())
+
+
+@IMPLS
+@MODES
+def test_memory_checkpoint_keeps_values_and_gradients_and_saves_less(impl: Any, mode: str) -> None:
+    """[HAMT-12] `memory_checkpoint` recomputes the slot memory in backward: the same logits, aux loss and
+    gradients (float64, to rounding), and fewer bytes kept for backward (the memory's (B, L, S, D) activations)."""
+    x = tokens(tiny_config(), (2, 24), 5)
+    results = []
+    for checkpointed in (False, True):
+        model = build(impl, tiny_config(binding=mode, hcm_dim=64, memory_checkpoint=checkpointed))
+        out, saved = _saved_bytes(model, x)
+        logits, aux = logits_and_aux(out)
+        (logits.pow(2).mean() + aux).backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        results.append((logits.detach(), aux.detach(), grads, saved))
+    (logits, aux, grads, saved), (logits_ck, aux_ck, grads_ck, saved_ck) = results
+    torch.testing.assert_close(logits_ck, logits, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(aux_ck, aux, rtol=1e-12, atol=1e-12)
+    assert grads_ck.keys() == grads.keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ck[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+    assert saved_ck < 0.7 * saved, (saved_ck, saved)
+
+
 # ---------------------------------------------------------------------------------------------- sizes, errors
 
 def test_demo_model_has_the_seeds_parameter_count_within_two_percent() -> None:
@@ -252,6 +288,7 @@ def test_demo_model_has_the_seeds_parameter_count_within_two_percent() -> None:
     ("aux_loss_weight", -1.0, r"aux_loss_weight: must be a number >= 0, got -1.0"),
     ("decay", 1.5, r"decay: must be a number in \(0, 1\], got 1.5"),
     ("ffn_dim", -2, r"ffn_dim: must be an integer >= 0"),
+    ("memory_checkpoint", "yes", r"memory_checkpoint: must be true or false, got 'yes'"),
 ])
 def test_config_rejects_bad_values(field: str, value: object, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
