@@ -64,7 +64,7 @@ def test_slot_memory_optimized_matches_reference_outputs_and_gradients(
     assert_modules_equivalent(r, o, inputs, dtype=dtype, seed=seed)
 
 
-@given(length=st.integers(0, 9), chunk=st.integers(1, 5), dtype=CPU_DTYPES, seed=seeds, with_state=st.booleans())
+@given(length=st.integers(0, 40), chunk=st.integers(1, 5), dtype=CPU_DTYPES, seed=seeds, with_state=st.booleans())
 def test_decayed_cumsum_chunked_matches_the_literal_recurrence(length: int, chunk: int, dtype: torch.dtype, seed: int,
                                                                 with_state: bool) -> None:
     u = make_tensor((2, length, 3, 4), seed)
