@@ -17,8 +17,12 @@ Tolerances against the float64 reference (tests/tolerances.py): float64 1e-10, f
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, cast
+
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from reference import vsa as ref
 from reference.validation import ShapeError, check_finite_all, check_floating, check_positive
@@ -154,10 +158,47 @@ def cleanup(query: Tensor, codebook: Tensor, k: int = 1, *, check: bool = True) 
     return Cleanup(codebook[indices], top, indices)
 
 
+class _DecayProducts(torch.autograd.Function):
+    """λ (..., C) -> (W (..., C, C), P (..., C)): W_tr = Π_{j=r+1..t} λ_j for t ≥ r (1 on the diagonal, 0 above),
+    P_t = Π_{j≤t} λ_j. The forward is two cumprods; the backward is written out because torch's cumprod backward
+    asks the device whether λ has a zero (a host sync per call: two per chunk of every memory pass). With
+    ∂W_tr/∂λ_j = [r < j ≤ t] W_{j−1,r} W_tj and ∂P_t/∂λ_j = [j ≤ t] P_{j−1} W_tj (P_{−1} = 1), exact with zeros
+    and without division:
+        ∂/∂λ_j = Σ_t W_tj (ḡ_W Wᵀ)_{t,j−1} + P_{j−1} Σ_t W_tj ḡ_P,t    (the first term only for j ≥ 1)."""
+
+    @staticmethod
+    def forward(ctx: Any, lam: Tensor) -> tuple[Tensor, Tensor]:
+        steps = lam.shape[-1]
+        t = torch.arange(steps, device=lam.device)
+        after = t[:, None] > t[None, :]  # (C, C): row t strictly after column r
+        factors = torch.where(after, lam[..., :, None], torch.ones((), dtype=lam.dtype, device=lam.device))
+        W = torch.cumprod(factors, dim=-2).tril()
+        P = torch.cumprod(lam, dim=-1)
+        ctx.save_for_backward(W, P)
+        return W, P
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_W: Tensor, grad_P: Tensor) -> Tensor:
+        W, P = ctx.saved_tensors
+        X = grad_W @ W.transpose(-1, -2)  # X_{t,i} = Σ_r ḡ_W,tr W_ir
+        grad = torch.zeros_like(P)
+        grad[..., 1:] = (W[..., :, 1:] * X[..., :, :-1]).sum(dim=-2)
+        P_before = torch.cat([torch.ones_like(P[..., :1]), P[..., :-1]], dim=-1)  # P_{j−1}
+        return grad + P_before * (W * grad_P[..., :, None]).sum(dim=-2)
+
+
+def decay_products(lam: Tensor) -> tuple[Tensor, Tensor]:
+    """`_DecayProducts`: the decay matrix W (..., C, C) and the running products P (..., C) of λ (..., C)."""
+    apply = cast(Callable[[Tensor], tuple[Tensor, Tensor]], _DecayProducts.apply)
+    return apply(lam)
+
+
 def decayed_cumsum(u: Tensor, lam: Tensor, state: Tensor | None = None, *, chunk_size: int = 64) -> Tensor:
     """Implements `reference.vsa.decayed_cumsum` in chunks of C steps: inside a chunk every state is
     P_t·M_0 + Σ_{r≤t} W_{tr}·u_r with W_{tr} = Π_{j=r+1..t} λ_j (a cumprod of a masked (C, C) matrix, exact for
-    λ = 0) and P_t = Π_{j≤t} λ_j; the last state is carried to the next chunk (L/C iterations, no per-token loop).
+    λ = 0) and P_t = Π_{j≤t} λ_j (`decay_products`, whose backward needs no host sync); the last state is carried
+    to the next chunk (L/C iterations, no per-token loop).
     Tolerances: float64 1e-10, float32 1e-5; fp32 under half inputs."""
     validate_decayed_cumsum(u, lam, state, chunk_size, "decayed_cumsum")
     out_dtype = u.dtype
@@ -172,12 +213,7 @@ def decayed_cumsum(u: Tensor, lam: Tensor, state: Tensor | None = None, *, chunk
     for u_c, lam_c in zip(u.split(chunk_size, dim=1), lam.split(chunk_size, dim=1), strict=True):
         u_c = u_c.to(work)  # (B, C, S, X)
         lam_c = lam_c.to(work).transpose(1, 2)  # (B, S, C)
-        steps = u_c.shape[1]
-        t = torch.arange(steps, device=u.device)
-        after = t[:, None] > t[None, :]  # (C, C): row t strictly after column r
-        factors = torch.where(after, lam_c[..., :, None], torch.ones((), dtype=work, device=u.device))
-        W = torch.cumprod(factors, dim=-2).tril()  # (B, S, C, C)
-        P = torch.cumprod(lam_c, dim=-1)  # (B, S, C)
+        W, P = decay_products(lam_c)  # (B, S, C, C), (B, S, C)
         M_c = torch.einsum("bstr,brsx->btsx", W, u_c) + P.transpose(1, 2)[..., None] * M[:, None]
         chunks.append(M_c)
         M = M_c[:, -1].clone()  # a view would keep every chunk's M_c alive (saved for backward) past the cat

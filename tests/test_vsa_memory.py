@@ -76,6 +76,40 @@ def test_decayed_cumsum_chunked_matches_the_literal_recurrence(length: int, chun
                       dtype=dtype)
 
 
+@given(steps=st.integers(1, 7), seed=seeds, zeros=st.lists(st.integers(0, 6), max_size=3))
+def test_decay_products_have_exact_gradients_with_zero_decays(steps: int, seed: int, zeros: list[int]) -> None:
+    """`decay_products`' hand-written backward (no host sync) against autograd of the literal products, float64,
+    with some λ exactly 0 (where a division-based gradient would fail)."""
+    lam = torch.rand(2, 3, steps, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    for j in zeros:
+        lam[..., j % steps] = 0.0
+
+    def literal(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = []
+        for t in range(steps):
+            row = [torch.prod(x[..., r + 1:t + 1], dim=-1) if r <= t else torch.zeros_like(x[..., 0])
+                   for r in range(steps)]
+            rows.append(torch.stack(row, dim=-1))
+        return torch.stack(rows, dim=-2), torch.cumprod(x, dim=-1)
+
+    assert_equivalent(literal, opt.decay_products, (lam,), dtype=torch.float64)
+
+
+def test_decayed_cumsum_backward_makes_no_host_sync() -> None:
+    """torch's cumprod backward reads `(λ == 0).any()` on the host (a device sync per chunk on a GPU); the
+    chunked sum's backward must not call `item` at all."""
+    from torch.profiler import ProfilerActivity, profile
+
+    u = torch.randn(1, 20, 2, 3, requires_grad=True)
+    lam = torch.rand(1, 20, 2, requires_grad=True)
+    out = opt.decayed_cumsum(u, lam, None, chunk_size=4)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out.sum().backward()
+    syncs = [e.name for e in prof.events() if e.name in ("aten::item", "aten::_local_scalar_dense")]
+    assert not syncs, syncs
+    assert u.grad is not None and lam.grad is not None
+
+
 @given(mode=MODES, dtype=CPU_DTYPES, seed=seeds)
 def test_slot_memory_write_and_read_steps_match_reference(mode: str, dtype: torch.dtype, seed: int) -> None:
     r, o = ref.SlotMemory(6, 2, mode=mode, decay=0.5), opt.SlotMemory(6, 2, mode=mode, decay=0.5)  # type: ignore[arg-type]
