@@ -68,7 +68,7 @@ def bind_dispatch(a: Tensor, b: Tensor, mode: str = "circular") -> str:
 
 def fft_bind(a: Tensor, b: Tensor, *, conjugate_a: bool = False) -> Tensor:
     """a ⊛ b (or a† ⊛ b with `conjugate_a`) via rfft/irfft, broadcasting the leading dims."""
-    out_dtype = torch.result_type(a, b)
+    out_dtype = torch.promote_types(a.dtype, b.dtype)  # dtypes, not torch.result_type: a graph break under compile
     work = _work_dtype(out_dtype)
     dim = a.shape[-1]
     spectrum_a = torch.fft.rfft(a.to(work), dim=-1)  # (..., D//2 + 1) complex
@@ -237,7 +237,7 @@ class SlotMemory(ref.SlotMemory):
                                                       "SlotMemory.forward")
         batch, length = keys.shape[0], keys.shape[1]
         slots, dim = self.num_slots, self.dim
-        out_dtype = torch.promote_types(torch.result_type(keys, values), queries.dtype)
+        out_dtype = torch.promote_types(torch.promote_types(keys.dtype, values.dtype), queries.dtype)
         work = _work_dtype(out_dtype)
         M0 = self.init_state(batch, dtype=work, device=keys.device) if state is None else state.to(work)
         if length == 0:
