@@ -377,3 +377,23 @@ def test_cuda_kernel_matches_reference_with_interior_blocks(dtype: torch.dtype, 
     assert_equivalent(lambda q, k, g, M, n: ref.omega_memory(q, k, g, 300, 0.97, M_persistent=M, norm_persistent=n),
                       lambda q, k, g, M, n: opt.omega_memory(q, k, g, 300, 0.97, M_persistent=M, norm_persistent=n),
                       (q, k, gate, M, n), dtype=dtype, device="cuda")
+
+
+@pytest.mark.gpu
+def test_omega_sweep_benchmark_on_cuda_times_flex_the_default_and_every_launch() -> None:
+    from training.benchmarks import BenchArgs, discover
+
+    rows = discover()["omega_sweep"](BenchArgs(device=torch.device("cuda"), quick=True, repeat=1))
+    assert [row.impl for row in rows[:2]] == ["peer:flex-swa", "optimized (default launch)"]
+    assert rows[1].ms > 0 and "flex SWA" in rows[1].note
+    launches = rows[2:]
+    assert len(launches) == 32 and all(row.impl == "optimized:triton" for row in launches)
+    timed = [row for row in launches if row.ms > 0]
+    assert timed and all("max |Δ| / max |y| vs default" in row.note for row in timed)
+    assert all(row.note.startswith("failed:") for row in launches if not row.ms > 0)
+
+
+def test_omega_sweep_has_no_rows_on_cpu() -> None:
+    from training.benchmarks import BenchArgs, discover
+
+    assert discover()["omega_sweep"](BenchArgs(device=torch.device("cpu"), quick=True, repeat=1)) == []

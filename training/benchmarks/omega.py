@@ -13,6 +13,7 @@ or 51 TFLOP/s fp32).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -74,6 +75,22 @@ def _fwd_bwd(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor]) -> Cal
     return lambda: torch.autograd.grad(fn(*leaves), leaves, cot)
 
 
+def _flex_swa(L: int, window: int, device: torch.device) -> Callable[..., torch.Tensor]:
+    """Compiled flex-attention with a causal sliding-window block mask: (q, k, v) -> out (raises ImportError
+    where flex-attention is missing)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def sliding(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
+    mask = create_block_mask(sliding, B=None, H=None, Q_LEN=L, KV_LEN=L, device=str(device))
+    flex = torch.compile(flex_attention)
+
+    def swa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return flex(q, k, v, block_mask=mask)
+    return swa
+
+
 def _long_context_rows(args: BenchArgs, B: int, H: int, L: int, Dh: int, window: int,
                        dtype: torch.dtype) -> list[BenchRow]:
     """Ours (forward; forward + backward) next to sliding-window attention at the same window: flex-attention
@@ -103,20 +120,10 @@ def _long_context_rows(args: BenchArgs, B: int, H: int, L: int, Dh: int, window:
     peers.append(BenchRow("omega", "peer:sdpa-causal", params + " fwd", ms, "sdpa", tok(ms),
                           note="full causal attention"))
     try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        swa = _flex_swa(L, window, device)
     except ImportError as exc:
         peers.append(BenchRow("omega", "peer:flex-swa", params, float("nan"), note=f"unavailable: {exc}"))
         return ours + peers
-
-    def sliding(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
-
-    mask = create_block_mask(sliding, B=None, H=None, Q_LEN=L, KV_LEN=L, device=str(device))
-    flex = torch.compile(flex_attention)
-
-    def swa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return flex(q, k, v, block_mask=mask)
-
     with torch.no_grad():
         flex_fwd = time_fn(lambda: swa(q, k, v), device, repeat=args.repeat)
     flex_both = time_fn(_fwd_bwd(swa, [q, k, v]), device, repeat=args.repeat)
@@ -141,4 +148,62 @@ def bench_omega(args: BenchArgs) -> list[BenchRow]:
     rows = _rows(args, 4, 8, 2048, 64, 256, torch.bfloat16, with_reference=True)
     rows += _rows(args, 4, 8, 2048, 64, 256, torch.float32, with_reference=False)
     rows += _long_context_rows(args, 1, 16, 32768, 64, 1024, torch.bfloat16)
+    return rows
+
+
+@register("omega_sweep")
+def bench_omega_sweep(args: BenchArgs) -> list[BenchRow]:
+    """CUDA only (no rows on CPU): the Omega forward's launch settings at issue 8's long-context shape (B=1, H=16,
+    Dh=64, window 1024, bf16; L = 32K, 4K with --quick). flex-attention's sliding window first (the goal's
+    yardstick, same call), the default launch, then query block × key block × warps × stages, each checked
+    against the default's output (max |Δ| / max |y|) and given its ratio to flex; a launch that fails to compile
+    or run is a row, not an error."""
+    if args.device.type != "cuda":
+        return []
+    from optimized.kernels.omega import omega_triton
+
+    B, H, L, Dh, window, dtype = 1, 16, 4096 if args.quick else 32768, 64, 1024, torch.bfloat16
+    device = args.device
+    q, k, gate = _inputs(B, H, L, Dh, dtype, device)
+    params = f"B={B} H={H} L={L} Dh={Dh} c={window} bfloat16 fwd"
+    rows: list[BenchRow] = []
+    flex_ms = float("nan")
+    try:
+        swa = _flex_swa(L, window, device)
+        with torch.no_grad():
+            flex_ms = time_fn(lambda: swa(q, k, k), device, repeat=args.repeat)
+        rows.append(BenchRow("omega_sweep", "peer:flex-swa", params, flex_ms, "flex_attention (compiled)",
+                             note="sliding-window attention, same window"))
+    except ImportError as exc:
+        rows.append(BenchRow("omega_sweep", "peer:flex-swa", params, float("nan"), note=f"unavailable: {exc}"))
+
+    def forward(block_m: int | None = None, block_n: int | None = None, warps: int | None = None,
+                stages: int | None = None) -> torch.Tensor:
+        return omega_triton(q, k, gate, window, 0.95, block_m=block_m, block_n=block_n, num_warps=warps,
+                            num_stages=stages)[0]
+
+    with torch.no_grad():
+        default_out = forward().float()
+        scale = default_out.abs().max().item() or 1.0
+        default_ms = time_fn(forward, device, repeat=args.repeat)
+    rows.append(BenchRow("omega_sweep", "optimized (default launch)", params, default_ms, "triton-fused",
+                         note=f"{default_ms / flex_ms:.2f}x flex SWA"))
+    for bm, bn, warps, stages in itertools.product((64, 128, 256), (32, 64, 128), (4, 8), (2, 3)):
+        if bm % bn:
+            continue
+        label = f"{params} block_m={bm} block_n={bn} warps={warps} stages={stages}"
+
+        def launch(bm: int = bm, bn: int = bn, warps: int = warps, stages: int = stages) -> torch.Tensor:
+            return forward(bm, bn, warps, stages)
+
+        try:
+            with torch.no_grad():
+                error = (launch().float() - default_out).abs().max().item() / scale
+                ms = time_fn(launch, device, repeat=args.repeat)
+        except Exception as failure:  # a launch that does not compile or fit: reported, not fatal
+            rows.append(BenchRow("omega_sweep", "optimized:triton", label, float("nan"), "triton-fused",
+                                 note=f"failed: {type(failure).__name__}: {failure}"[:200]))
+            continue
+        rows.append(BenchRow("omega_sweep", "optimized:triton", label, ms, "triton-fused",
+                             note=f"{ms / flex_ms:.2f}x flex SWA; max |Δ| / max |y| vs default {error:.1e}"))
     return rows
