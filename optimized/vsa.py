@@ -41,6 +41,7 @@ from reference.vsa import (
     rms_normalize,
     validate_bind,
     validate_cleanup,
+    validate_decay_products,
     validate_decayed_cumsum,
     validate_unbind,
     validate_vector,
@@ -48,9 +49,9 @@ from reference.vsa import (
 
 __all__ = [
     "BindMode", "Cleanup", "SlotMemory", "bind", "bind_dispatch", "bundle", "cleanup", "cosine", "decay",
-    "decayed_cumsum", "exact_inverse", "hrr_cosine_stats", "hrr_recall_accuracy_bound", "hrr_recall_bound",
-    "identity", "involution", "make_unitary", "random_bipolar", "random_hrr", "random_unitary", "rms_normalize",
-    "unbind",
+    "decay_products", "decayed_cumsum", "exact_inverse", "hrr_cosine_stats", "hrr_recall_accuracy_bound",
+    "hrr_recall_bound", "identity", "involution", "make_unitary", "random_bipolar", "random_hrr", "random_unitary",
+    "rms_normalize", "unbind",
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -159,12 +160,10 @@ def cleanup(query: Tensor, codebook: Tensor, k: int = 1, *, check: bool = True) 
 
 
 class _DecayProducts(torch.autograd.Function):
-    """λ (..., C) -> (W (..., C, C), P (..., C)): W_tr = Π_{j=r+1..t} λ_j for t ≥ r (1 on the diagonal, 0 above),
-    P_t = Π_{j≤t} λ_j. The forward is two cumprods; the backward is written out because torch's cumprod backward
-    asks the device whether λ has a zero (a host sync per call: two per chunk of every memory pass). With
-    ∂W_tr/∂λ_j = [r < j ≤ t] W_{j−1,r} W_tj and ∂P_t/∂λ_j = [j ≤ t] P_{j−1} W_tj (P_{−1} = 1), exact with zeros
-    and without division:
-        ∂/∂λ_j = Σ_t W_tj (ḡ_W Wᵀ)_{t,j−1} + P_{j−1} Σ_t W_tj ḡ_P,t    (the first term only for j ≥ 1)."""
+    """[VSA-16a] λ (..., C) -> (W (..., C, C), P (..., C)). The forward is two cumprods (W: down the rows of the
+    (C, C) matrix holding λ_t strictly below the diagonal, masked to the lower triangle); the backward is the
+    spec's division-free gradient, because torch's cumprod backward asks the device whether λ has a zero (a host
+    sync per call: two per chunk of every memory pass)."""
 
     @staticmethod
     def forward(ctx: Any, lam: Tensor) -> tuple[Tensor, Tensor]:
@@ -189,7 +188,14 @@ class _DecayProducts(torch.autograd.Function):
 
 
 def decay_products(lam: Tensor) -> tuple[Tensor, Tensor]:
-    """`_DecayProducts`: the decay matrix W (..., C, C) and the running products P (..., C) of λ (..., C)."""
+    """Implements `reference.vsa.decay_products` ([VSA-16a]) by `_DecayProducts`: no host sync in backward.
+    Tolerances: float64 1e-10, float32 1e-5."""
+    validate_decay_products(lam, "decay_products")
+    return _decay_products(lam)
+
+
+def _decay_products(lam: Tensor) -> tuple[Tensor, Tensor]:
+    """`decay_products` on validated input (the chunk loop's hot path)."""
     apply = cast(Callable[[Tensor], tuple[Tensor, Tensor]], _DecayProducts.apply)
     return apply(lam)
 
@@ -213,7 +219,7 @@ def decayed_cumsum(u: Tensor, lam: Tensor, state: Tensor | None = None, *, chunk
     for u_c, lam_c in zip(u.split(chunk_size, dim=1), lam.split(chunk_size, dim=1), strict=True):
         u_c = u_c.to(work)  # (B, C, S, X)
         lam_c = lam_c.to(work).transpose(1, 2)  # (B, S, C)
-        W, P = decay_products(lam_c)  # (B, S, C, C), (B, S, C)
+        W, P = _decay_products(lam_c)  # (B, S, C, C), (B, S, C)
         M_c = torch.einsum("bstr,brsx->btsx", W, u_c) + P.transpose(1, 2)[..., None] * M[:, None]
         chunks.append(M_c)
         M = M_c[:, -1].clone()  # a view would keep every chunk's M_c alive (saved for backward) past the cat

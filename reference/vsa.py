@@ -29,8 +29,8 @@ from reference.validation import (
 )
 
 __all__ = [
-    "BindMode", "Cleanup", "SlotMemory", "bind", "bundle", "cleanup", "cosine", "decay", "decayed_cumsum",
-    "exact_inverse", "hrr_cosine_stats", "hrr_recall_accuracy_bound", "hrr_recall_bound", "identity",
+    "BindMode", "Cleanup", "SlotMemory", "bind", "bundle", "cleanup", "cosine", "decay", "decay_products",
+    "decayed_cumsum", "exact_inverse", "hrr_cosine_stats", "hrr_recall_accuracy_bound", "hrr_recall_bound", "identity",
     "involution", "make_unitary", "random_bipolar", "random_hrr", "random_unitary", "rms_normalize", "unbind",
 ]
 
@@ -397,6 +397,25 @@ def validate_decayed_cumsum(u: Tensor, lam: Tensor, state: Tensor | None, chunk_
         want = (u.shape[0], u.shape[2], u.shape[3])
         if tuple(state.shape) != want:
             raise ShapeError(f"{fn}: state must have shape (B, S, X) = {want}, got {tuple(state.shape)}")
+
+
+def validate_decay_products(lam: Tensor, fn: str) -> None:
+    check_floating(lam, "lam", fn=fn)
+    if lam.ndim < 1 or lam.shape[-1] < 1:
+        raise ShapeError(f"{fn}: lam must have a last dim of C >= 1 steps (..., C), got shape {tuple(lam.shape)}")
+
+
+def decay_products(lam: Tensor) -> tuple[Tensor, Tensor]:
+    """[VSA-16a] The products of [VSA-16] over one chunk of C decays λ (..., C): W (..., C, C) with
+    W_tr = Π_{j=r+1..t} λ_j for t ≥ r (1 on the diagonal, 0 above) and P (..., C) with P_t = Π_{j≤t} λ_j, as
+    literal products."""
+    validate_decay_products(lam, "decay_products")
+    steps = lam.shape[-1]
+    zero = torch.zeros_like(lam[..., 0])
+    W = torch.stack([torch.stack([torch.prod(lam[..., r + 1:t + 1], dim=-1) if r <= t else zero
+                                  for r in range(steps)], dim=-1) for t in range(steps)], dim=-2)
+    P = torch.stack([torch.prod(lam[..., :t + 1], dim=-1) for t in range(steps)], dim=-1)
+    return W, P
 
 
 def decayed_cumsum(u: Tensor, lam: Tensor, state: Tensor | None = None, *, chunk_size: int = 64) -> Tensor:

@@ -76,23 +76,26 @@ def test_decayed_cumsum_chunked_matches_the_literal_recurrence(length: int, chun
                       dtype=dtype)
 
 
-@given(steps=st.integers(1, 7), seed=seeds, zeros=st.lists(st.integers(0, 6), max_size=3))
-def test_decay_products_have_exact_gradients_with_zero_decays(steps: int, seed: int, zeros: list[int]) -> None:
-    """`decay_products`' hand-written backward (no host sync) against autograd of the literal products, float64,
-    with some λ exactly 0 (where a division-based gradient would fail)."""
+@given(steps=st.integers(1, 7), seed=seeds, zeros=st.lists(st.integers(0, 6), max_size=3),
+       dtype=CPU_DTYPES)
+def test_decay_products_match_the_literal_products_with_zero_decays(steps: int, seed: int, zeros: list[int],
+                                                                     dtype: torch.dtype) -> None:
+    """[VSA-16a] the optimized products and their hand-written backward (no host sync) against the literal
+    products and autograd through them, with some λ exactly 0 (where a division-based gradient would fail)."""
     lam = torch.rand(2, 3, steps, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     for j in zeros:
         lam[..., j % steps] = 0.0
+    assert_equivalent(ref.decay_products, opt.decay_products, (lam,), dtype=dtype)
 
-    def literal(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = []
-        for t in range(steps):
-            row = [torch.prod(x[..., r + 1:t + 1], dim=-1) if r <= t else torch.zeros_like(x[..., 0])
-                   for r in range(steps)]
-            rows.append(torch.stack(row, dim=-1))
-        return torch.stack(rows, dim=-2), torch.cumprod(x, dim=-1)
 
-    assert_equivalent(literal, opt.decay_products, (lam,), dtype=torch.float64)
+@IMPLS
+def test_decay_products_reject_bad_input(impl: ModuleType) -> None:
+    with pytest.raises(ShapeError, match="lam must have a last dim"):
+        impl.decay_products(torch.tensor(0.5))
+    with pytest.raises(ShapeError, match="lam must have a last dim"):
+        impl.decay_products(torch.ones(2, 0))
+    with pytest.raises(DTypeError, match="lam"):
+        impl.decay_products(torch.ones(2, 3, dtype=torch.int64))
 
 
 def test_decayed_cumsum_backward_makes_no_host_sync() -> None:
