@@ -383,6 +383,19 @@ def default_blocks(n_state: int) -> tuple[int, int]:
     return 8, max(1, min(8, 64 // block_n))
 
 
+def _tiles(n_state: int, block_d: int | None, block_l: int | None) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_D, BLOCK_L) of a launch: N padded to a power of two, the others as given or
+    `default_blocks`."""
+    default_d, default_l = default_blocks(n_state)
+    return max(2, triton.next_power_of_2(n_state)), block_d or default_d, block_l or default_l
+
+
+def _matrix_layout(x: Tensor, dim: int, block_d: int) -> tuple[int, list[int], int]:
+    """B or C as a launch reads it: (channels per group, its four strides, SHARED/ONE_GROUP/PER_CHANNEL)."""
+    group, *strides = _matrix_strides(x, dim)
+    return group, strides, _matrix_mode(x, group, block_d)
+
+
 def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                           z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                           initial_state: Tensor | None = None, *, block_d: int | None = None,
@@ -394,10 +407,7 @@ def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     the module docstring describes), `maxnreg` registers per thread (None: uncapped)."""
     batch, dim, length = u.shape
     n_state = A.shape[1]
-    block_n = max(2, triton.next_power_of_2(n_state))
-    default_d, default_l = default_blocks(n_state)
-    block_d = block_d or default_d
-    block_l = block_l or default_l
+    block_n, block_d, block_l = _tiles(n_state, block_d, block_l)
     u_c, delta_c = u.contiguous(), delta.contiguous()
     z_c = z.contiguous() if z is not None else u_c
     A_c = A.float().contiguous()
@@ -406,9 +416,7 @@ def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     h0 = initial_state.float().contiguous() if initial_state is not None else last
     D_c = D.float().contiguous() if D is not None else A_c
     bias_c = delta_bias.float().contiguous() if delta_bias is not None else A_c
-    group_B, *strides_B = _matrix_strides(B, dim)
-    group_C, *strides_C = _matrix_strides(C, dim)
-    B_mode, C_mode = _matrix_mode(B, group_B, block_d), _matrix_mode(C, group_C, block_d)
+    (group_B, strides_B, B_mode), (group_C, strides_C, C_mode) = (_matrix_layout(x, dim, block_d) for x in (B, C))
     if PER_CHANNEL in (B_mode, C_mode) and maxnreg == MAX_REGISTERS:
         maxnreg = None  # the per-channel gathers need ~170 registers: capped at 128 they would spill
     grid = (batch, triton.cdiv(dim, block_d))
@@ -424,10 +432,10 @@ def triton_backward_supported(u: Tensor, B: Tensor, C: Tensor, block_d: int | No
     """Whether `selective_scan_triton_backward` takes these B, C layouts (SHARED or ONE_GROUP; not PER_CHANNEL)."""
     dim, n_state = u.shape[1], B.shape[-2] if B.ndim > 2 else B.shape[1]
     block = block_d or default_blocks(n_state)[0]
-    return all(_matrix_mode(x, _matrix_strides(x, dim)[0], block) != PER_CHANNEL for x in (B, C))
+    return all(_matrix_layout(x, dim, block)[2] != PER_CHANNEL for x in (B, C))
 
 
-def _matrix_grad(partial: Tensor, x: Tensor, block_d: int) -> Tensor:
+def _matrix_grad(partial: Tensor, x: Tensor) -> Tensor:
     """dB or dC in x's layout from the kernel's partial sums: (B, D, N) per batch row for SHARED, (B, programs,
     N, L) per program for ONE_GROUP."""
     if x.ndim == 2:
@@ -451,10 +459,7 @@ def selective_scan_triton_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tenso
     partial sum."""
     batch, dim, length = u.shape
     n_state = A.shape[1]
-    block_n = max(2, triton.next_power_of_2(n_state))
-    default_d, default_l = default_blocks(n_state)
-    block_d = block_d or default_d
-    block_l = block_l or default_l
+    block_n, block_d, block_l = _tiles(n_state, block_d, block_l)
     u_c, delta_c, dout = u.contiguous(), delta.contiguous(), grad_out.contiguous()
     z_c = z.contiguous() if z is not None else u_c
     A_c = A.float().contiguous()
@@ -463,14 +468,13 @@ def selective_scan_triton_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tenso
     h0 = initial_state.float().contiguous() if initial_state is not None else A_c
     dlast = (grad_last.float().contiguous() if grad_last is not None
              else torch.zeros(batch, dim, n_state, device=u.device, dtype=torch.float32))
-    group_B, *strides_B = _matrix_strides(B, dim)
-    group_C, *strides_C = _matrix_strides(C, dim)
-    B_mode, C_mode = _matrix_mode(B, group_B, block_d), _matrix_mode(C, group_C, block_d)
+    (group_B, strides_B, B_mode), (group_C, strides_C, C_mode) = (_matrix_layout(x, dim, block_d) for x in (B, C))
     if PER_CHANNEL in (B_mode, C_mode):
         raise ValueError("selective_scan_triton_backward: B or C is grouped so that a group does not fill whole "
                          f"blocks of {block_d} channels (per-channel reads); use the torch backward for it")
     programs = triton.cdiv(dim, block_d)
     n_tiles = max(1, triton.cdiv(length, block_l))
+
     def f32(*shape: int) -> Tensor:
         return torch.empty(*shape, device=u.device, dtype=torch.float32)
 
@@ -488,7 +492,7 @@ def selective_scan_triton_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tenso
         SOFTPLUS=delta_softplus, B_MODE=B_mode, C_MODE=C_mode, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l,
         num_warps=num_warps)
     return (du.to(u.dtype), ddelta.to(delta.dtype), dA.sum(0).to(A.dtype),
-            _matrix_grad(dB_part, B, block_d).to(B.dtype), _matrix_grad(dC_part, C, block_d).to(C.dtype),
+            _matrix_grad(dB_part, B).to(B.dtype), _matrix_grad(dC_part, C).to(C.dtype),
             dD.sum(0).to(D.dtype) if D is not None else None, dz.to(z.dtype) if z is not None else None,
             dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None,
             dh0.to(initial_state.dtype) if initial_state is not None else None)
