@@ -387,10 +387,16 @@ def test_omega_sweep_benchmark_on_cuda_times_flex_the_default_and_every_launch()
     assert [row.impl for row in rows[:2]] == ["peer:flex-swa", "optimized (default launch)"]
     assert rows[1].ms > 0 and "flex SWA" in rows[1].note
     launches = rows[2:]
-    assert len(launches) == 32 and all(row.impl == "optimized:triton" for row in launches)
+    assert len(launches) == 4 and all(  # --quick: block_m 64, block_n 32/64, 4 warps, 2/3 stages
+        row.impl == "optimized:triton" for row in launches)
     timed = [row for row in launches if row.ms > 0]
     assert timed and all("max |Δ| / max |y| vs default" in row.note for row in timed)
     assert all(row.note.startswith("failed:") for row in launches if not row.ms > 0)
+    # every launch computes the same function: within the bf16 tolerance the kernel meets against float64 (1e-2).
+    # The sixth session's full H200 sweep at L=32K saw block_n=32 launches off by up to 0.12 (and stage-dependent)
+    # while every block_n ≥ 64 launch agreed within 1.2e-3; this fails if the quick grid's block_n=32 ones do too.
+    deviations = {row.params: float(row.note.rsplit(" ", 1)[1]) for row in timed}
+    assert all(dev <= 1e-2 for dev in deviations.values()), deviations
 
 
 def test_omega_sweep_has_no_rows_on_cpu() -> None:

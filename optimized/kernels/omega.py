@@ -255,7 +255,13 @@ def _default_blocks(head_dim: int, length: int, dtype: torch.dtype) -> tuple[int
         return 64, 32, 8, 2
     if length <= 64:
         return 64, 32, 4, 2
-    return (128, 64, 8, 2) if head_dim <= 128 else (64, 32, 8, 2)
+    # half inputs, Dh ≤ 128: (64, 64, 4 warps, 3 stages) from the H200 sweep (`bench.py --op omega_sweep`, B=1 H=16
+    # L=32K Dh=64 c=1024 bf16): 0.74 ms against 0.98 ms for the previous (128, 64, 8, 2) and 0.52 ms for
+    # flex-attention's sliding window in the same call; its output within 8.1e-4 · max|y| of the previous default's.
+    # In that sweep 5 of the 8 bf16 launches with BLOCK_N = 32 differed from the rest by 4e-3 to 0.12 · max|y| and
+    # changed with num_stages alone (unexplained; the Triton interpreter cannot run bf16 to check the logic, and
+    # float32 with BLOCK_N = 32 meets 1e-5 on the GPU), so no half-precision long-sequence default uses it
+    return (64, 64, 4, 3) if head_dim <= 128 else (64, 32, 8, 2)
 
 
 def _check_blocks(bm: int, bn: int) -> None:
