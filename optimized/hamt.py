@@ -3,7 +3,8 @@
 Implements `reference.hamt.HAMTLayer` / `reference.hamt.HAMT` (same parameters, by subclassing). The only hot
 path is the slot memory: `optimized.vsa.SlotMemory` replaces the literal time loop by its parallel sequence form
 — elementwise binding as one decayed cumulative sum (`decayed_cumsum`) of the bound pairs (chunked, a masked (C, C)
-product-of-decays matrix per chunk, L/C iterations, no loop over tokens); circular binding as one rfft of all
+product-of-decays matrix per chunk; the chunks one after another on the CPU, all at once with ⌈log_C L⌉ levels
+elsewhere, [VSA-16b]; no loop over tokens); circular binding as one rfft of all
 keys, values and queries, the same chunked sum over the real and imaginary spectra, one irfft of all reads. The
 per-slot query binding uses the FFT `bind` too, the key conv `optimized.primitives.CausalDepthwiseConv1d`.
 Generation (`step`) runs the same O(1)-per-token write/read.

@@ -421,7 +421,8 @@ def decay_products(lam: Tensor) -> tuple[Tensor, Tensor]:
 def decayed_cumsum(u: Tensor, lam: Tensor, state: Tensor | None = None, *, chunk_size: int = 64) -> Tensor:
     """[VSA-16] Every state of M_t = λ_t·M_{t−1} + u_t, t = 1 … L (M_0 = state or 0): u (B, L, S, X),
     λ (B, L, S) -> (B, L, S, X). The loop is the recurrence [VSA-14]; its closed form is [VSA-16].
-    `chunk_size` is the optimized form's chunk length; the literal loop ignores it."""
+    `chunk_size` is the optimized form's chunk length (its two chunk schedules: [VSA-16b]); the literal loop
+    ignores it."""
     validate_decayed_cumsum(u, lam, state, chunk_size, "decayed_cumsum")
     M = u.new_zeros((u.shape[0], u.shape[2], u.shape[3])) if state is None else state  # (B, S, X)
     states: list[Tensor] = []

@@ -6,6 +6,7 @@ trace the cuDNN RNN)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,18 @@ def test_optimized_forward_traces_without_graph_breaks(config: str, vocab: int) 
     reasons = [(str(r.reason).splitlines()[0], r.user_stack[-1].filename if r.user_stack else "")
                for r in report.break_reasons]
     assert report.graph_break_count == 0, reasons
+
+
+@pytest.mark.parametrize("method", ["loop", "batched"])
+def test_hamt_memory_schedules_trace_without_graph_breaks(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both `decayed_cumsum` schedules ([VSA-16b]; the batched one is the GPU default) over several chunks: 60
+    positions in chunks of 8 (a padded last chunk, then the batched form's second level over the chunk ends)."""
+    import torch._dynamo as dynamo
+
+    monkeypatch.setenv("MEMARCH_DECAYED_CUMSUM", method)
+    dynamo.reset()
+    config = dataclasses.replace(load_experiment(ROOT / "configs" / "hamt_recall_cpu.yaml").model, chunk_size=8)
+    model = build_model(config, "optimized")
+    x = torch.randint(0, 30, (1, 60), generator=torch.Generator().manual_seed(0))
+    report = dynamo.explain(lambda x: model(x)["logits"].float().mean())(x)
+    assert report.graph_break_count == 0, [str(r.reason).splitlines()[0] for r in report.break_reasons]

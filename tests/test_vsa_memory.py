@@ -4,8 +4,11 @@ bind used in place of unbind), recall accuracy [VSA-18], bad input."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from types import ModuleType
+from unittest import mock
 
 import pytest
 import torch
@@ -22,6 +25,12 @@ from tests.strategies import make_tensor, seeds
 CPU_DTYPES = st.sampled_from([torch.float64, torch.float32])
 MODES = st.sampled_from(["circular", "elementwise"])
 IMPLS = pytest.mark.parametrize("impl", [ref, opt], ids=["reference", "optimized"])
+METHODS = st.sampled_from(["loop", "batched"])  # the optimized decayed_cumsum's two schedules [VSA-16b]
+
+
+def cumsum_method(method: str) -> AbstractContextManager[object]:
+    """Run the optimized `decayed_cumsum` with one schedule (the CPU default is the loop)."""
+    return mock.patch.dict(os.environ, {"MEMARCH_DECAYED_CUMSUM": method})
 
 
 @pytest.fixture(autouse=True)
@@ -52,28 +61,73 @@ def memory_inputs(batch: int, length: int, slots: int, dim: int, seed: int, *, p
 
 @given(mode=MODES, length=st.integers(0, 9), slots=st.integers(1, 3), dim=st.sampled_from([1, 4, 5, 8]),
        per_slot=st.booleans(), gated=st.booleans(), decayed=st.booleans(), normalize=st.booleans(),
-       chunk=st.integers(1, 4), dtype=CPU_DTYPES, seed=seeds)
+       chunk=st.integers(1, 4), dtype=CPU_DTYPES, seed=seeds, method=METHODS)
 def test_slot_memory_optimized_matches_reference_outputs_and_gradients(
         mode: str, length: int, slots: int, dim: int, per_slot: bool, gated: bool, decayed: bool, normalize: bool,
-        chunk: int, dtype: torch.dtype, seed: int) -> None:
+        chunk: int, dtype: torch.dtype, seed: int, method: str) -> None:
     kwargs = {"mode": mode, "decay": 0.9, "normalize_read": normalize}
     r = ref.SlotMemory(dim, slots, **kwargs)  # type: ignore[arg-type]
     o = opt.SlotMemory(dim, slots, chunk_size=chunk, **kwargs)  # type: ignore[arg-type]
     assert_same_parameters(r, o)
     inputs = memory_inputs(2, length, slots, dim, seed, per_slot=per_slot, gated=gated, decayed=decayed)
-    assert_modules_equivalent(r, o, inputs, dtype=dtype, seed=seed)
+    with cumsum_method(method):
+        assert_modules_equivalent(r, o, inputs, dtype=dtype, seed=seed)
 
 
-@given(length=st.integers(0, 40), chunk=st.integers(1, 5), dtype=CPU_DTYPES, seed=seeds, with_state=st.booleans())
+@given(length=st.integers(0, 40), chunk=st.integers(1, 5), dtype=CPU_DTYPES, seed=seeds, with_state=st.booleans(),
+       method=METHODS)
 def test_decayed_cumsum_chunked_matches_the_literal_recurrence(length: int, chunk: int, dtype: torch.dtype, seed: int,
-                                                                with_state: bool) -> None:
+                                                                with_state: bool, method: str) -> None:
+    """Both schedules; lengths up to 40 with chunks of 2–5 take the batched form through two and three levels."""
     u = make_tensor((2, length, 3, 4), seed)
     lam = torch.rand(2, length, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     if length:
         lam[:, 0, 0] = 0.0
+        lam[:, length // 2, 1] = 0.0  # a zero decay inside the sequence (often mid-chunk, sometimes a chunk end)
     state = make_tensor((2, 3, 4), seed + 1) if with_state else None
-    assert_equivalent(ref.decayed_cumsum, lambda *x: opt.decayed_cumsum(*x, chunk_size=chunk), (u, lam, state),
-                      dtype=dtype)
+    with cumsum_method(method):
+        assert_equivalent(ref.decayed_cumsum, lambda *x: opt.decayed_cumsum(*x, chunk_size=chunk), (u, lam, state),
+                          dtype=dtype)
+
+
+def test_decayed_cumsum_batched_schedule_over_three_levels_and_a_padded_tail() -> None:
+    """L = 203 in chunks of 4: 51 chunks (the last one padded), 13 chunk ends of those, 4 of those: the batched
+    form's recursion three levels deep, against the literal recurrence in float64 with gradients."""
+    u = make_tensor((1, 203, 2, 3), 7)
+    lam = 0.5 + 0.5 * torch.rand(1, 203, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    lam[0, 100, 0] = 0.0
+    with cumsum_method("batched"):
+        assert_equivalent(ref.decayed_cumsum, lambda *x: opt.decayed_cumsum(*x, chunk_size=4),
+                          (u, lam, make_tensor((1, 2, 3), 8)), dtype=torch.float64)
+
+
+def test_decayed_cumsum_schedule_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`auto` takes the loop on the CPU and the batched form elsewhere; an unknown value names the choices."""
+    monkeypatch.delenv("MEMARCH_DECAYED_CUMSUM", raising=False)
+    assert opt._cumsum_method(torch.device("cpu")) == "loop"
+    assert opt._cumsum_method(torch.device("cuda")) == "batched"
+    monkeypatch.setenv("MEMARCH_DECAYED_CUMSUM", "loop")
+    assert opt._cumsum_method(torch.device("cuda")) == "loop"
+    monkeypatch.setenv("MEMARCH_DECAYED_CUMSUM", "scan")
+    with pytest.raises(ValueError, match="auto, loop, batched"):
+        opt.decayed_cumsum(torch.ones(1, 2, 1, 1), torch.ones(1, 2, 1))
+
+
+def test_decayed_cumsum_batched_schedule_launches_a_number_of_ops_independent_of_length() -> None:
+    """The point of the batched form: its op count grows with the levels (⌈log_C L⌉), not with L/C as the loop's
+    does — counted by the profiler's aten ops in forward + backward on the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def ops(method: str, length: int) -> int:
+        u = torch.randn(1, length, 2, 3, requires_grad=True)
+        lam = torch.rand(1, length, 2)
+        with cumsum_method(method), profile(activities=[ProfilerActivity.CPU]) as prof:
+            opt.decayed_cumsum(u, lam, None, chunk_size=8).sum().backward()
+        return len([e for e in prof.events() if e.name.startswith("aten::")])
+
+    assert ops("batched", 64) == ops("batched", 32)  # 8 or 4 chunks, then one chunk of their ends: two levels
+    assert ops("loop", 64) > 1.5 * ops("loop", 32)  # the loop: a set of ops per chunk
+    assert ops("batched", 256) < ops("loop", 256) / 4
 
 
 @given(steps=st.integers(1, 7), seed=seeds, zeros=st.lists(st.integers(0, 6), max_size=3),
@@ -103,14 +157,16 @@ def test_decayed_cumsum_backward_makes_no_host_sync() -> None:
     chunked sum's backward must not call `item` at all."""
     from torch.profiler import ProfilerActivity, profile
 
-    u = torch.randn(1, 20, 2, 3, requires_grad=True)
-    lam = torch.rand(1, 20, 2, requires_grad=True)
-    out = opt.decayed_cumsum(u, lam, None, chunk_size=4)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        out.sum().backward()
-    syncs = [e.name for e in prof.events() if e.name in ("aten::item", "aten::_local_scalar_dense")]
-    assert not syncs, syncs
-    assert u.grad is not None and lam.grad is not None
+    for method in ("loop", "batched"):
+        u = torch.randn(1, 20, 2, 3, requires_grad=True)
+        lam = torch.rand(1, 20, 2, requires_grad=True)
+        with cumsum_method(method):
+            out = opt.decayed_cumsum(u, lam, None, chunk_size=4)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out.sum().backward()
+        syncs = [e.name for e in prof.events() if e.name in ("aten::item", "aten::_local_scalar_dense")]
+        assert not syncs, (method, syncs)
+        assert u.grad is not None and lam.grad is not None
 
 
 @given(mode=MODES, dtype=CPU_DTYPES, seed=seeds)
