@@ -21,11 +21,24 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize(("config", "vocab"), [("hamt_recall_cpu.yaml", 30), ("atlas_mag_tiny.yaml", 30),
                                                ("atlas_modular_cpu.yaml", 20)])
 def test_optimized_forward_traces_without_graph_breaks(config: str, vocab: int) -> None:
+    assert_no_graph_breaks(config, vocab, torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("config", "vocab"), [("hamt_recall_cpu.yaml", 30), ("atlas_mag_tiny.yaml", 30),
+                                               ("atlas_modular_cpu.yaml", 20)])
+def test_optimized_forward_traces_without_graph_breaks_on_cuda(config: str, vocab: int) -> None:
+    """On CUDA the memories take their Triton kernels (Omega, Titans) and the batched memory schedule: a
+    compiled training step should still be one graph."""
+    assert_no_graph_breaks(config, vocab, torch.device("cuda"))
+
+
+def assert_no_graph_breaks(config: str, vocab: int, device: torch.device) -> None:
     import torch._dynamo as dynamo
 
     dynamo.reset()
-    model = build_model(load_experiment(ROOT / "configs" / config).model, "optimized")
-    x = torch.randint(0, vocab, (2, 48), generator=torch.Generator().manual_seed(0))
+    model = build_model(load_experiment(ROOT / "configs" / config).model, "optimized").to(device)
+    x = torch.randint(0, vocab, (2, 48), generator=torch.Generator().manual_seed(0)).to(device)
 
     def loss(x: torch.Tensor) -> torch.Tensor:
         out = model(x)
