@@ -57,7 +57,9 @@ stage() { [[ " $STAGES " == *" $1 "* ]]; }
 tests_rc=0
 if stage tests; then
 echo "== gpu-marked tests"
-timeout "${GPU_TEST_TIMEOUT:-200}" python3 tests/run.py -m gpu -q -p no:cacheprovider -n 4 --continue-on-collection-errors \
+# --durations: a stalled or slow test shows in gpu_tests.log (the seventh session's two calls stalled at 115 of 118)
+timeout "${GPU_TEST_TIMEOUT:-300}" python3 tests/run.py -m gpu -q -p no:cacheprovider -n 4 --continue-on-collection-errors \
+  --durations=15 \
   --junitxml="$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1
 tests_rc=$?
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log" | tail -n 40
