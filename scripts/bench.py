@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -76,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     machine = (f"{platform.machine()} {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
                f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"# memarch bench on {machine}")
+    # the MEMARCH_* switches change which code path runs (kernels off, the scan's backward, the memory schedule)
+    settings = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MEMARCH_")}
+    if settings:
+        print("# settings: " + " ".join(f"{k}={v}" for k, v in settings.items()))
     all_rows = []
     for name in names:
         rows = registry[name](bench_args)
@@ -90,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(f"- {line}" for line in summarize(rows)), flush=True)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"machine": machine, "device": str(device), "rows": [r.as_dict() for r in all_rows]}
+        payload = {"machine": machine, "device": str(device), "settings": settings,
+                   "rows": [r.as_dict() for r in all_rows]}
         args.json.write_text(json.dumps(payload, indent=2))
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -284,3 +285,22 @@ def test_bind_benchmark_reports_reference_and_optimized_rows() -> None:
         assert impls[:2] == ["reference", "optimized"]
         assert rows[1].dispatch == "torch.fft" and "faster than reference" in rows[1].note
         assert "scaled" in rows[0].note and rows[0].ms > 0
+
+
+def test_bench_cli_records_the_memarch_switches_in_effect(tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A/B runs differ only in a MEMARCH_* variable (e.g. the memory schedule); the printout and the JSON say which."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_cli", Path(__file__).resolve().parents[1] / "scripts" /
+                                                  "bench.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setenv("MEMARCH_DECAYED_CUMSUM", "batched")
+    assert bench.main(["--op", "bind", "--quick", "--repeat", "1", "--device", "cpu",
+                       "--json", str(tmp_path / "out.json")]) == 0
+    assert "# settings: MEMARCH_DECAYED_CUMSUM=batched" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out.json").read_text())["settings"] == {"MEMARCH_DECAYED_CUMSUM": "batched"}
