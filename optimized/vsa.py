@@ -256,8 +256,8 @@ def _batched_cumsum(u: Tensor, lam: Tensor, M0: Tensor, chunk_size: int) -> Tens
     if pad:  # padded steps (u = 0, λ = 1) come after every real one, so they change no real state
         u = torch.nn.functional.pad(u, (0, 0, 0, 0, 0, pad))
         lam = torch.nn.functional.pad(lam, (0, 0, 0, pad), value=1.0)
-    W, P = _decay_products(lam.view(batch, n, C, slots).permute(0, 3, 1, 2))  # (B, S, n, C, C), (B, S, n, C)
-    local = torch.einsum("bsntr,bnrsx->bntsx", W, u.view(batch, n, C, slots, width))  # zero entry state
+    W, P = _decay_products(lam.reshape(batch, n, C, slots).permute(0, 3, 1, 2))  # (B, S, n, C, C), (B, S, n, C)
+    local = torch.einsum("bsntr,bnrsx->bntsx", W, u.reshape(batch, n, C, slots, width))  # zero entry state
     if n == 1:
         entry = M0[:, None]  # (B, 1, S, X)
     else:  # state after chunk m = P_m,last · (state after chunk m−1) + local_m,last: the same sum, n steps long

@@ -92,8 +92,8 @@ def test_decayed_cumsum_chunked_matches_the_literal_recurrence(length: int, chun
 
 def test_decayed_cumsum_batched_schedule_over_three_levels_and_a_padded_tail() -> None:
     """L = 203 in chunks of 4: 51 chunks (the last one padded), 13 chunk ends of those, 4 of those: the batched
-    form's recursion three levels deep, against the literal recurrence in float64 with gradients."""
-    u = make_tensor((1, 203, 2, 3), 7)
+    form's recursion three levels deep, against the literal recurrence in float64 with gradients; u non-contiguous."""
+    u = make_tensor((1, 2, 203, 3), 7).transpose(1, 2)  # (B, L, S, X) as a strided view
     lam = 0.5 + 0.5 * torch.rand(1, 203, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     lam[0, 100, 0] = 0.0
     with cumsum_method("batched"):
