@@ -257,14 +257,15 @@ def _batched_cumsum(u: Tensor, lam: Tensor, M0: Tensor, chunk_size: int) -> Tens
         u = torch.nn.functional.pad(u, (0, 0, 0, 0, 0, pad))
         lam = torch.nn.functional.pad(lam, (0, 0, 0, pad), value=1.0)
     W, P = _decay_products(lam.reshape(batch, n, C, slots).permute(0, 3, 1, 2))  # (B, S, n, C, C), (B, S, n, C)
-    local = torch.einsum("bsntr,bnrsx->bntsx", W, u.reshape(batch, n, C, slots, width))  # zero entry state
+    # slot-major (B, S, n, C, X): the batched product's own layout, so its output needs no permuting copy
+    local = torch.einsum("bsntr,bnrsx->bsntx", W, u.reshape(batch, n, C, slots, width))  # zero entry state
     if n == 1:
-        entry = M0[:, None]  # (B, 1, S, X)
+        entry = M0[:, :, None]  # (B, S, 1, X)
     else:  # state after chunk m = P_m,last · (state after chunk m−1) + local_m,last: the same sum, n steps long
-        ends = _batched_cumsum(local[:, :, -1], P[..., -1].transpose(1, 2), M0, chunk_size)  # (B, n, S, X)
-        entry = torch.cat([M0[:, None], ends[:, :-1]], dim=1)  # each chunk's entry state, (B, n, S, X)
-    states = local + P.permute(0, 2, 3, 1)[..., None] * entry[:, :, None]  # (B, n, C, S, X)
-    states = states.reshape(batch, n * C, slots, width)
+        ends = _batched_cumsum(local[:, :, :, -1].transpose(1, 2), P[..., -1].transpose(1, 2), M0, chunk_size)
+        entry = torch.cat([M0[:, None], ends[:, :-1]], dim=1).transpose(1, 2)  # chunks' entry states, (B, S, n, X)
+    states = local + P[..., None] * entry[:, :, :, None]  # (B, S, n, C, X)
+    states = states.reshape(batch, slots, n * C, width).transpose(1, 2)  # (B, L, S, X) as a strided view
     return states[:, :length] if pad else states
 
 
