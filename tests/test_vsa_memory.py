@@ -333,3 +333,17 @@ def test_slot_memory_on_cuda_matches_reference(dtype: torch.dtype, mode: str) ->
     o = opt.SlotMemory(16, 2, mode=mode, decay=0.9, chunk_size=4)  # type: ignore[arg-type]
     inputs = memory_inputs(2, 9, 2, 16, 0, per_slot=True, gated=True, decayed=True)
     assert_modules_equivalent(r, o, inputs, dtype=dtype, device="cuda")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_cumsum_benchmark_times_both_schedules_and_the_reference(device: str) -> None:
+    """`bench.py --op cumsum`: per length a loop row and a batched row (named in `dispatch`, the batched one with
+    its speed relative to the loop's), and the literal reference at the shortest length."""
+    from training.benchmarks import BenchArgs, discover
+
+    rows = discover()["cumsum"](BenchArgs(device=torch.device(device), quick=True, repeat=1))
+    assert [(row.impl, row.dispatch) for row in rows] == [
+        ("optimized", "decayed_cumsum:loop"), ("optimized", "decayed_cumsum:batched"), ("reference", "loop over t"),
+        ("optimized", "decayed_cumsum:loop"), ("optimized", "decayed_cumsum:batched")]
+    assert all(row.ms > 0 for row in rows)
+    assert "the loop's speed" in rows[1].note and "L=1024" in rows[3].params
