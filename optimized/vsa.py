@@ -18,7 +18,7 @@ Tolerances against the float64 reference (tests/tolerances.py): float64 1e-10, f
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
@@ -30,6 +30,7 @@ from reference.validation import ShapeError, check_finite_all, check_floating, c
 from reference.vsa import (
     BindMode,
     Cleanup,
+    as_slot_vectors,
     cosine,
     decay,
     hrr_cosine_stats,
@@ -282,15 +283,28 @@ class SlotMemory(ref.SlotMemory):
 
     def forward(self, keys: Tensor, values: Tensor, queries: Tensor, gate: Tensor | None = None,
                 decay: Tensor | None = None, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        k, v, q, g, lam, state = self.sequence_inputs(keys, values, queries, gate, decay, state,
+        reads, final = self.forward_many(keys, values, (queries,), gate, decay, state)
+        return reads[0], final
+
+    def forward_many(self, keys: Tensor, values: Tensor, queries: Sequence[Tensor], gate: Tensor | None = None,
+                     decay: Tensor | None = None, state: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
+        """Implements `reference.vsa.SlotMemory.forward_many`: the states (or spectra) once, then one read per
+        query sequence."""
+        if not queries:
+            raise ShapeError("SlotMemory.forward_many: queries must hold at least one query sequence")
+        k, v, q, g, lam, state = self.sequence_inputs(keys, values, queries[0], gate, decay, state,
                                                       "SlotMemory.forward")
         batch, length = keys.shape[0], keys.shape[1]
+        qs = [q] + [as_slot_vectors(x, "queries", (batch, length), self.num_slots, self.dim, "SlotMemory.forward")
+                    for x in queries[1:]]
         slots, dim = self.num_slots, self.dim
-        out_dtype = torch.promote_types(torch.promote_types(keys.dtype, values.dtype), queries.dtype)
+        out_dtype = torch.promote_types(keys.dtype, values.dtype)
+        for query in queries:
+            out_dtype = torch.promote_types(out_dtype, query.dtype)
         work = _work_dtype(out_dtype)
         M0 = self.init_state(batch, dtype=work, device=keys.device) if state is None else state.to(work)
         if length == 0:
-            return keys.new_zeros(batch, 0, slots, dim, dtype=out_dtype), M0.to(out_dtype)
+            return [keys.new_zeros(batch, 0, slots, dim, dtype=out_dtype) for _ in qs], M0.to(out_dtype)
         lam_full = (torch.full((batch, length, slots), self.decay, dtype=work, device=keys.device) if lam is None
                     else lam.to(work).expand(batch, length, slots))  # (B, L, S)
         if self.mode == "elementwise":
@@ -299,7 +313,7 @@ class SlotMemory(ref.SlotMemory):
                 u = g.to(work)[..., None] * u
             states = decayed_cumsum(u.expand(batch, length, slots, dim), lam_full, M0,
                                     chunk_size=self.chunk_size)  # (B, L, S, D)
-            reads = states * q.to(work)
+            reads = [states * q.to(work) for q in qs]
             final = states[:, -1]
         else:
             freqs = dim // 2 + 1
@@ -312,10 +326,10 @@ class SlotMemory(ref.SlotMemory):
                                      torch.cat([spectrum0.real, spectrum0.imag], dim=-1),
                                      chunk_size=self.chunk_size)  # (B, L, S, 2F)
             spectra = torch.complex(stacked[..., :freqs], stacked[..., freqs:])  # M̂_t, (B, L, S, F)
-            Q = torch.fft.rfft(q.to(work), dim=-1).conj()  # (B, L, S|1, F)
-            reads = torch.fft.irfft(Q * spectra, n=dim, dim=-1)  # (B, L, S, D)
+            # conj(Q_t)·M̂_t per query sequence (B, L, S, D)
+            reads = [torch.fft.irfft(torch.fft.rfft(q.to(work), dim=-1).conj() * spectra, n=dim, dim=-1) for q in qs]
             final = torch.fft.irfft(spectra[:, -1], n=dim, dim=-1)  # (B, S, D)
         if self.normalize_read:
-            reads = rms_normalize(reads, self.eps, check=False)
-        return reads.to(out_dtype), final.to(out_dtype)
+            reads = [rms_normalize(r, self.eps, check=False) for r in reads]
+        return [r.to(out_dtype) for r in reads], final.to(out_dtype)
 

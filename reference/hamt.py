@@ -205,26 +205,25 @@ class HAMTLayer(nn.Module):
         g, lam = self.gate(x)  # (..., S) each
         return k, v, q, g, lam
 
-    def run_memory(self, k: Tensor, v: Tensor, q: Tensor, g: Tensor, lam: Tensor,
-                   state: Tensor | None) -> tuple[Tensor, Tensor]:
-        """The slot memory over a sequence: (reads (B, L, S, D), last state (B, S, D)); with
-        `memory_checkpoint`, under grad, through `torch.utils.checkpoint` ([HAMT-12]): same values and gradients,
-        only the inputs kept for backward."""
+    def run_memory(self, k: Tensor, v: Tensor, queries: tuple[Tensor, ...], g: Tensor, lam: Tensor,
+                   state: Tensor | None) -> tuple[list[Tensor], Tensor]:
+        """The slot memory over a sequence, read with each query sequence from the same writes: (reads (B, L, S, D)
+        per query sequence, last state (B, S, D)); with `memory_checkpoint`, under grad, through
+        `torch.utils.checkpoint` ([HAMT-12]): same values and gradients, only the inputs kept for backward."""
         if self.config.memory_checkpoint and torch.is_grad_enabled():
-            result = checkpoint(self.memory, k, v, q, g, lam, state, use_reentrant=False)
-            return cast(tuple[Tensor, Tensor], result)
-        return self.memory(k, v, q, g, lam, state)
+            result = checkpoint(self.memory.forward_many, k, v, queries, g, lam, state, use_reentrant=False)
+            return cast(tuple[list[Tensor], Tensor], result)
+        return self.memory.forward_many(k, v, queries, g, lam, state)
 
     def mix(self, x: Tensor, reads: Tensor) -> Tensor:
         """[HAMT-7] [HAMT-8] reads (..., S, D) -> h = LN(x + W_o mean_s r_s), y = LN(h + FFN(h)) (..., H)."""
         h = self.norm_memory(x + self.out(reads.mean(dim=-2)))
         return self.norm_ffn(h + self.ffn(h))
 
-    def reconstruction_loss(self, x: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor,
-                            state: Tensor | None) -> Tensor:
-        """[HAMT-10] Retrieve what was written: unbind every slot with the write key k_t, decode, and compare
-        with the (gradient-stopped) layer input: mean_{b,t} ‖W_rec mean_s rms(unbind(M_t, k_t)) − sg(x_t)‖²/H."""
-        recalled, _ = self.run_memory(k, v, k, g, lam, state)  # (B, L, S, D)
+    def reconstruction_loss(self, x: Tensor, recalled: Tensor) -> Tensor:
+        """[HAMT-10] Retrieve what was written: `recalled` = rms(unbind(M_t, k_t)) per slot (B, L, S, D), every
+        slot read with the write key k_t from the same writes as the layer's read; decode, and compare with the
+        (gradient-stopped) layer input: mean_{b,t} ‖W_rec mean_s rms(unbind(M_t, k_t)) − sg(x_t)‖²/H."""
         decoded = self.reconstruct(recalled.mean(dim=-2))  # (B, L, H)
         return (decoded - x.detach()).pow(2).mean()
 
@@ -235,8 +234,9 @@ class HAMTLayer(nn.Module):
         self.check_layer_input(x, state, context, "HAMTLayer.forward")
         z, window = self.key_sequence(x, context)
         k, v, q, g, lam = self.projections(x, z)
-        reads, last = self.run_memory(k, v, q, g, lam, state)  # (B, L, S, D), (B, S, D)
-        aux = self.reconstruction_loss(x, k, v, g, lam, state) if with_aux else None
+        # with the auxiliary loss, one memory pass read twice: with q (the layer's read) and with k (recall)
+        (reads, *recalled), last = self.run_memory(k, v, (q, k) if with_aux else (q,), g, lam, state)
+        aux = self.reconstruction_loss(x, recalled[0]) if with_aux else None
         gates = torch.stack([g.detach().mean(), lam.detach().mean()])
         return self.mix(x, reads), last, window, aux, gates
 

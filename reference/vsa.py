@@ -539,14 +539,26 @@ class SlotMemory(nn.Module):
         """[VSA-14] [VSA-15] Write then read at every step t = 1 … L: keys, values, queries (B, L, D) or
         (B, L, S, D); gate, decay (B, L) or (B, L, S). Returns reads (B, L, S, D) and the last state (B, S, D).
         The read at t sees the writes up to and including t (causal); equals the closed form [VSA-16]."""
-        self.sequence_inputs(keys, values, queries, gate, decay, state, "SlotMemory.forward")
+        reads, M = self.forward_many(keys, values, (queries,), gate, decay, state)
+        return reads[0], M
+
+    def forward_many(self, keys: Tensor, values: Tensor, queries: Sequence[Tensor], gate: Tensor | None = None,
+                     decay: Tensor | None = None, state: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
+        """`forward` with several query sequences read from the same writes (HAMT's read and its reconstruction
+        read [HAMT-10]): one reads tensor (B, L, S, D) per query sequence, and the last state."""
+        if not queries:
+            raise ShapeError("SlotMemory.forward_many: queries must hold at least one query sequence")
+        self.sequence_inputs(keys, values, queries[0], gate, decay, state, "SlotMemory.forward")
         batch, length = keys.shape[0], keys.shape[1]
+        for q in queries[1:]:
+            as_slot_vectors(q, "queries", (batch, length), self.num_slots, self.dim, "SlotMemory.forward")
         M = self.init_state(batch, dtype=keys.dtype, device=keys.device) if state is None else state
-        reads: list[Tensor] = []
+        reads: list[list[Tensor]] = [[] for _ in queries]
         for t in range(length):
             M = self.write(M, keys[:, t], values[:, t], None if gate is None else gate[:, t],
                            None if decay is None else decay[:, t])
-            reads.append(self.read(M, queries[:, t]))
-        if not reads:
-            return keys.new_zeros(batch, 0, self.num_slots, self.dim), M
-        return torch.stack(reads, dim=1), M
+            for out, q in zip(reads, queries, strict=True):
+                out.append(self.read(M, q[:, t]))
+        if length == 0:
+            return [keys.new_zeros(batch, 0, self.num_slots, self.dim) for _ in queries], M
+        return [torch.stack(r, dim=1) for r in reads], M

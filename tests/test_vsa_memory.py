@@ -74,6 +74,46 @@ def test_slot_memory_optimized_matches_reference_outputs_and_gradients(
         assert_modules_equivalent(r, o, inputs, dtype=dtype, seed=seed)
 
 
+@given(mode=MODES, length=st.integers(0, 9), per_slot=st.booleans(), dtype=CPU_DTYPES, seed=seeds, method=METHODS)
+def test_forward_many_reads_every_query_from_one_pass(mode: str, length: int, per_slot: bool, dtype: torch.dtype,
+                                                      seed: int, method: str) -> None:
+    """`forward_many` (HAMT's read and reconstruction read from one memory pass): optimized ≡ reference in
+    outputs and gradients (float64 reference), and in each package every read equals `forward` with that query
+    alone, the last state included."""
+    keys, values, queries, gate, decay, state = memory_inputs(2, length, 3, 6, seed, per_slot=per_slot, gated=True,
+                                                               decayed=True)
+    assert keys is not None and values is not None and queries is not None
+    second = make_tensor(tuple(queries.shape), seed + 20)
+    kwargs = {"mode": mode, "decay": 0.9, "normalize_read": True}
+    r, o = ref.SlotMemory(6, 3, **kwargs), opt.SlotMemory(6, 3, chunk_size=2, **kwargs)  # type: ignore[arg-type]
+
+    def flat(memory: ref.SlotMemory) -> Callable[..., tuple[torch.Tensor, ...]]:
+        def run(k: torch.Tensor, v: torch.Tensor, q1: torch.Tensor, q2: torch.Tensor, g: torch.Tensor,
+                lam: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            (a, b), last = memory.forward_many(k, v, (q1, q2), g, lam, m)
+            return a, b, last
+        return run
+
+    with cumsum_method(method):
+        assert_equivalent(flat(r), flat(o), (keys, values, queries, second, gate, decay, state), dtype=dtype)
+        for memory in (r, o):
+            (a, b), last = memory.forward_many(keys, values, (queries, second), gate, decay, state)
+            alone_a, last_a = memory(keys, values, queries, gate, decay, state)
+            alone_b, _ = memory(keys, values, second, gate, decay, state)
+            for got, want in ((a, alone_a), (b, alone_b), (last, last_a)):
+                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@IMPLS
+def test_forward_many_needs_a_query_and_checks_every_one(impl: ModuleType) -> None:
+    memory = impl.SlotMemory(4, 2)
+    x = torch.randn(1, 3, 4, dtype=torch.float64)
+    with pytest.raises(ShapeError, match="at least one query"):
+        memory.forward_many(x, x, ())
+    with pytest.raises(ShapeError, match="queries"):
+        memory.forward_many(x, x, (x, torch.randn(1, 3, 5, dtype=torch.float64)))
+
+
 @given(length=st.integers(0, 40), chunk=st.integers(1, 5), dtype=CPU_DTYPES, seed=seeds, with_state=st.booleans(),
        method=METHODS)
 def test_decayed_cumsum_chunked_matches_the_literal_recurrence(length: int, chunk: int, dtype: torch.dtype, seed: int,
