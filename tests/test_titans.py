@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from hypothesis import given
@@ -225,15 +227,18 @@ needs_interpreter = pytest.mark.skipif(not (triton_available() and triton_interp
 
 
 def kernel_fn(C: int, lam: float, *, with_state: bool = True, autograd: bool = False,  # type: ignore[no-untyped-def]
-              operands: str = "triton"):
-    """The Triton entry (forward only, or the autograd wrapper) with `chunked`'s argument list."""
+              operands: str = "triton", composed: bool = False):
+    """The Triton entry (forward only, or the autograd wrapper; `composed`: its compile-time form) with `chunked`'s
+    argument list."""
     from optimized.kernels.titans import titans_memory_triton, titans_memory_triton_autograd
 
-    entry = titans_memory_triton_autograd if autograd else titans_memory_triton
-
     def fn(q, k, v, a, e, th, M0, S0):  # type: ignore[no-untyped-def]
-        return entry(q, k, v, a, e, th, chunk_size=C, global_decay=lam,
-                     initial_state=(M0, S0) if with_state else None, operands=operands)
+        state = (M0, S0) if with_state else None
+        if autograd:
+            return titans_memory_triton_autograd(q, k, v, a, e, th, chunk_size=C, global_decay=lam,
+                                                 initial_state=state, operands=operands, composed=composed)
+        return titans_memory_triton(q, k, v, a, e, th, chunk_size=C, global_decay=lam, initial_state=state,
+                                    operands=operands)
     return fn
 
 
@@ -387,6 +392,40 @@ def test_triton_backward_kernel_gradients_match_reference(L: int, C: int, dk: in
 
 
 @needs_interpreter
+@pytest.mark.parametrize(("L", "C", "dk", "dv", "lam", "with_state"),
+                         [*KERNEL_CASES[:4], BACKWARD_CASES[-2]])
+def test_composed_kernel_path_gradients_match_reference(L: int, C: int, dk: int, dv: int, lam: float,
+                                                        with_state: bool) -> None:
+    """The form `torch.compile` traces (torch-formed operands, the state-passing kernels as their own autograd
+    function, no autograd call inside a backward): same values and gradients as the reference."""
+    inputs = memory_inputs(L + C + 2, 1, 2, L, dk, dv)
+    assert_equivalent(reference_fn(C, lam, with_state=with_state),
+                      kernel_fn(C, lam, with_state=with_state, autograd=True, composed=True), inputs,
+                      dtype=torch.float32)
+
+
+def test_composed_kernel_path_is_taken_while_compiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`composed=None` follows `torch.compiler.is_compiling()` (checked without launching: both forms stubbed)."""
+    from optimized.kernels import titans as kernels
+
+    taken: list[str] = []
+
+    def stub(name: str) -> Callable[..., tuple[torch.Tensor, ...]]:
+        def record(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            taken.append(name)
+            return args[:3]
+        return record
+
+    monkeypatch.setattr(kernels, "_composed", stub("composed"))
+    monkeypatch.setattr(kernels._TritonTitans, "apply", stub("recomputing"))
+    q, k, v, alpha, eta, theta = (t.float().requires_grad_(True) for t in memory_inputs(3, 1, 2, 16, 16, 16)[:6])
+    for compiling in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda compiling=compiling: compiling)
+        kernels.titans_memory_triton_autograd(q, k, v, alpha, eta, theta, chunk_size=8)
+    assert taken == ["recomputing", "composed"]
+
+
+@needs_interpreter
 def test_triton_backward_kernel_takes_half_inputs() -> None:
     inputs = memory_inputs(3, 1, 2, 24, 16, 16)
     assert_equivalent(reference_fn(8, 0.1), kernel_fn(8, 0.1, autograd=True), inputs, dtype=torch.float16,
@@ -394,15 +433,16 @@ def test_triton_backward_kernel_takes_half_inputs() -> None:
 
 
 @needs_interpreter
+@pytest.mark.parametrize("composed", [False, True], ids=["recomputing", "composed"])
 @pytest.mark.parametrize("wanted", [(2,), (6, 7), (0, 4)], ids=["v", "initial-state", "q-eta"])
-def test_triton_backward_kernel_with_some_inputs_not_requiring_grad(wanted: tuple[int, ...]) -> None:
-    """Only the inputs that require grad get gradients, and they equal the reference's."""
+def test_triton_backward_kernel_with_some_inputs_not_requiring_grad(wanted: tuple[int, ...], composed: bool) -> None:
+    """Only the inputs that require grad get gradients, and they equal the reference's (both autograd forms)."""
     inputs = [t.float() for t in memory_inputs(5, 1, 2, 21, 16, 16)]
     ref_in = [t.double().requires_grad_(i in wanted) for i, t in enumerate(inputs)]
     opt_in = [t.clone().requires_grad_(i in wanted) for i, t in enumerate(inputs)]
     cotangents = [torch.randn(t.shape, generator=torch.Generator().manual_seed(i), dtype=F64)
                   for i, t in enumerate(reference_fn(8, 0.1)(*ref_in))]
-    for fn, args in ((reference_fn(8, 0.1), ref_in), (kernel_fn(8, 0.1, autograd=True), opt_in)):
+    for fn, args in ((reference_fn(8, 0.1), ref_in), (kernel_fn(8, 0.1, autograd=True, composed=composed), opt_in)):
         sum((out.double() * c).sum() for out, c in zip(fn(*args), cotangents, strict=True)).backward()
     for i, (r, o) in enumerate(zip(ref_in, opt_in, strict=True)):
         assert (o.grad is not None) == (i in wanted)

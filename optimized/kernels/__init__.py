@@ -9,10 +9,12 @@ import os
 
 import torch
 
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None  # looked up once: dynamo cannot trace find_spec
+
 
 def triton_available() -> bool:
-    """True when Triton is importable."""
-    return importlib.util.find_spec("triton") is not None
+    """True when Triton is importable (a constant, so that compiled code traces through the dispatch)."""
+    return _TRITON_AVAILABLE
 
 
 def triton_interpreting() -> bool:

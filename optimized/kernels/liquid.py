@@ -60,6 +60,8 @@ def _liquid_fwd(u_ptr, h0_ptr, w_ptr, a_ptr, d0_ptr, out_ptr,  # type: ignore[no
                 B, L, H, sw_k, sw_n, delta,
                 UNFOLDS: tl.constexpr, HAS_H0: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    # float32 whatever the launcher passes (under torch.compile inductor hands Python floats over as float64)
+    delta = tl.cast(delta, tl.float32)
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # this program's batch rows
     offs_h = tl.arange(0, BLOCK_H)
     mask_h = offs_h < H
@@ -120,6 +122,7 @@ def _liquid_bwd(u_ptr, h0_ptr, w_ptr, a_ptr, d0_ptr, out_ptr, gout_ptr, scratch_
                 du_ptr, dh0_ptr, dw_ptr, da_ptr, dd0_ptr, B, L, H, sw_k, sw_n, delta,
                 UNFOLDS: tl.constexpr, HAS_H0: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    delta = tl.cast(delta, tl.float32)  # see _liquid_fwd
     pid = tl.program_id(0)
     offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_h = tl.arange(0, BLOCK_H)

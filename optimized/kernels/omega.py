@@ -96,6 +96,10 @@ def _omega_fwd(q_ptr, k_ptr, gate_ptr, M_ptr, np_ptr, out_ptr, den_ptr,  # type:
                HEAD_DIM: tl.constexpr, HAS_PERSISTENT: tl.constexpr, STORE_DEN: tl.constexpr,
                NORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr):
+    # float32 arithmetic whatever the launcher passes (under torch.compile, inductor hands Python floats over as
+    # float64 scalars, which would turn the loop-carried float32 sums float64 and fail to compile)
+    log2_decay = tl.cast(log2_decay, tl.float32)
+    eps = tl.cast(eps, tl.float32)
     start_m = tl.program_id(0) * BLOCK_M  # t0, the first query of this program
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -183,6 +187,7 @@ def _omega_bwd_dk(q_ptr, k_ptr, gate_ptr, dn_ptr, dd_ptr, dk_ptr, dg_ptr,  # typ
                   HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dk and dgate for one block of BLOCK_M keys: walks the query blocks t ∈ [i, i + c − 1] of its keys."""
+    log2_decay = tl.cast(log2_decay, tl.float32)  # see _omega_fwd
     start_m = tl.program_id(0) * BLOCK_M  # i0, the first key of this program
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)

@@ -221,6 +221,9 @@ def _titans_operands(q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, th_ptr, P_ptr, Z_ptr, yc
     `optimized.titans.chunk_coefficients` (log-space cumulative gates, the decay matrices, W, m, s, u, E_C), the
     scores W ⊙ Q Kᵀ and P, Z, y_c, the coefficient rows and scalars — one launch for all chunks instead of the
     torch form's few dozen. Dots accumulate in float32 (scores, P, Z rounded to the input dtype as torch does)."""
+    # float32 whatever the launcher passes (under torch.compile inductor hands Python floats over as float64)
+    lam = tl.cast(lam, tl.float32)
+    log_floor = tl.cast(log_floor, tl.float32)
     bh = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1).to(tl.int64)
     b = bh // heads
@@ -376,19 +379,33 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta:
         return v.new_zeros(B, H, 0, d_v), M, S, None, None
     io = _io_dtype(q, k, v)
     build = _operands_triton if operands == "triton" else _kernel_operands
-    k_io, v_io, P, Z, y_c, vecs, scalars = build(q[:, :, :main], k[:, :, :main], v[:, :, :main], alpha[:, :, :main],
-                                                 eta[:, :, :main], theta[:, :, :main], C, lam, io)
+    built = build(q[:, :, :main], k[:, :, :main], v[:, :, :main], alpha[:, :, :main], eta[:, :, :main],
+                  theta[:, :, :main], C, lam, io)
+    return _state_pass(built, M, S, v.dtype, has_state=initial_state is not None, store_states=store_states,
+                       block_v=block_v, num_warps=num_warps, num_stages=num_stages)
+
+
+def _state_pass(operands: tuple[Tensor, ...], M: Tensor, S: Tensor, out_dtype: torch.dtype, *, has_state: bool,
+                store_states: bool, block_v: int | None = None, num_warps: int = 4,
+                num_stages: int = 2) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """`_titans_fwd` over the operands of N ≥ 1 whole chunks (`_kernel_operands`' tuple) from the float32 start
+    state M, S (read only with `has_state`): y (B, H, N·C, d_v) in `out_dtype`, the final M, S (float32) and, with
+    `store_states`, every chunk's start state (B, H, N, d_k, d_v) float32."""
+    k_io, v_io, P, Z, y_c, vecs, scalars = operands
     P, Z, y_c, vecs, scalars = (t.contiguous() for t in (P, Z, y_c, vecs, scalars))
-    y = torch.empty(B, H, main, d_v, dtype=v.dtype, device=v.device)
-    M_out = torch.empty(B, H, d_k, d_v, dtype=torch.float32, device=k.device)
+    B, H, N, C, d_k = P.shape
+    d_v = v_io.shape[-1]
+    main = N * C
+    y = torch.empty(B, H, main, d_v, dtype=out_dtype, device=v_io.device)
+    M_out = torch.empty(B, H, d_k, d_v, dtype=torch.float32, device=k_io.device)
     S_out = torch.empty_like(M_out)
-    Ms = torch.empty(B, H, N, d_k, d_v, dtype=torch.float32, device=k.device) if store_states else M_out
+    Ms = torch.empty(B, H, N, d_k, d_v, dtype=torch.float32, device=k_io.device) if store_states else M_out
     Ss = torch.empty_like(Ms) if store_states else S_out
     block_c, block_k, bv = _blocks(C, d_k, d_v, block_v)
     _titans_fwd[(B * H, triton.cdiv(d_v, bv))](
         k_io, v_io, P, Z, y_c, vecs, scalars, M, S, y, M_out, S_out, Ms, Ss, N, C, d_k, d_v, H, *k_io.stride(),
-        *v_io.stride(), HAS_STATE=initial_state is not None, STORE_STATES=store_states,
-        PRECISION="ieee" if io == torch.float32 else "tf32", BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_V=bv,
+        *v_io.stride(), HAS_STATE=has_state, STORE_STATES=store_states,
+        PRECISION="ieee" if k_io.dtype == torch.float32 else "tf32", BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_V=bv,
         num_warps=num_warps, num_stages=num_stages)
     return y, M_out, S_out, (Ms if store_states else None), (Ss if store_states else None)
 
@@ -582,17 +599,78 @@ class _TritonTitans(torch.autograd.Function):
         return (*input_grads, grad_M0, grad_S0, None, None, None)
 
 
+class _TritonStatePass(torch.autograd.Function):
+    """The kernel's state passing alone, from operands formed by differentiable torch ops (`_kernel_operands`):
+    forward `_titans_fwd`, backward `_titans_bwd`; autograd carries the operands' gradients on to q, k, v and the
+    gates. Two kernel launches and no autograd calls inside, so `torch.compile` traces it into one graph."""
+
+    @staticmethod
+    def forward(ctx: Any, k_io: Tensor, v_io: Tensor, P: Tensor, Z: Tensor, y_c: Tensor, vecs: Tensor,
+                scalars: Tensor, M0: Tensor, S0: Tensor, has_state: bool,
+                out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        operands = (k_io, v_io, P, Z, y_c, vecs, scalars)
+        y, M, S, Ms, Ss = _state_pass(operands, M0, S0, out_dtype, has_state=has_state, store_states=True)
+        ctx.save_for_backward(k_io, v_io, P, Z, y_c, vecs, scalars, Ms, Ss)
+        ctx.has_state = has_state
+        return y, M, S
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor, grad_M: Tensor, grad_S: Tensor) -> tuple[Tensor | None, ...]:
+        k_io, v_io, P, Z, y_c, vecs, scalars, Ms, Ss = ctx.saved_tensors
+        grads, dM0, dS0 = _backward_kernel((k_io, v_io, P, Z, y_c, vecs, scalars), Ms, Ss, grad_y, grad_M, grad_S)
+        cast_grads = [g.to(t.dtype) for g, t in zip(grads, (k_io, v_io, P, Z, y_c, vecs, scalars), strict=True)]
+        return (*cast_grads, dM0 if ctx.has_state else None, dS0 if ctx.has_state else None, None, None)
+
+
+def _composed(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: Tensor, chunk_size: int,
+              lam: float, initial_state: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+    """`titans_memory_triton` with gradients as a composition: the operands by `_kernel_operands` (torch,
+    differentiable), the state passing by `_TritonStatePass`, a last shorter chunk by the torch form. Same values as
+    `_TritonTitans`; it keeps the operands' autograd intermediates instead of recomputing them in backward."""
+    from optimized.titans import _compute_dtype, torch_chunked
+
+    B, H, L, d_k = k.shape
+    d_v = v.shape[-1]
+    C = min(chunk_size, max(L, 1))
+    main = (L // C) * C
+    if initial_state is None:
+        M = torch.zeros(B, H, d_k, d_v, dtype=torch.float32, device=k.device)
+        S = torch.zeros_like(M)
+    else:
+        M, S = (t.to(torch.float32) for t in initial_state)
+    y = v.new_zeros(B, H, 0, d_v)
+    if main > 0:
+        operands = _kernel_operands(q[:, :, :main], k[:, :, :main], v[:, :, :main], alpha[:, :, :main],
+                                    eta[:, :, :main], theta[:, :, :main], C, lam, _io_dtype(q, k, v))
+        apply = cast(Callable[..., tuple[Tensor, Tensor, Tensor]], _TritonStatePass.apply)
+        y, M, S = apply(*operands, M.contiguous(), S.contiguous(), initial_state is not None, v.dtype)
+    if main == L:
+        return y, M.to(v.dtype), S.to(v.dtype)
+    work = _compute_dtype(v.dtype)
+    y_tail, M, S = torch_chunked(q[:, :, main:], k[:, :, main:], v[:, :, main:], alpha[:, :, main:],
+                                 eta[:, :, main:], theta[:, :, main:], chunk_size=L - main, global_decay=lam,
+                                 initial_state=(M.to(work), S.to(work)))
+    return torch.cat([y, y_tail.to(y.dtype)], dim=2), M, S
+
+
 def titans_memory_triton_autograd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: Tensor, *,
                                   chunk_size: int, global_decay: float = 0.0,
                                   initial_state: tuple[Tensor, Tensor] | None = None,
-                                  operands: str = "triton") -> tuple[Tensor, Tensor, Tensor]:
+                                  operands: str = "triton",
+                                  composed: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """`titans_memory_triton` with gradients (see the module docstring); without any (grad mode off, or no input
     requiring grad) the plain forward, which stores no chunk states. The backward recomputes the operands with
-    torch (under grad) whichever `operands` formed them in the forward."""
+    torch (under grad) whichever `operands` formed them in the forward.
+
+    `composed` (default: while `torch.compile` traces) takes `_composed` instead: the same values by a graph that
+    dynamo can trace (the recomputing backward calls autograd inside a backward, which dynamo cannot, and every
+    compiled model holding a Titans memory broke its graph there); inductor then fuses the torch-formed operands."""
     tensors = [q, k, v, alpha, eta, theta, *(initial_state or ())]
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return titans_memory_triton(q, k, v, alpha, eta, theta, chunk_size=chunk_size, global_decay=global_decay,
                                     initial_state=initial_state, operands=operands)
+    if torch.compiler.is_compiling() if composed is None else composed:
+        return _composed(q, k, v, alpha, eta, theta, chunk_size, float(global_decay), initial_state)
     apply = cast(Callable[..., tuple[Tensor, Tensor, Tensor]], _TritonTitans.apply)
     M0, S0 = initial_state if initial_state is not None else (None, None)
     return apply(q, k, v, alpha, eta, theta, M0, S0, chunk_size, float(global_decay), operands)
