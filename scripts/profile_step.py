@@ -1,8 +1,11 @@
 """Profile one training step of a registered model (forward + backward + AdamW) and print the top kernels.
 
     python scripts/profile_step.py --model unified --seq-len 1024 --batch-size 2 [--device cuda] [--impl optimized]
+    python scripts/profile_step.py --model atlas_mag --set vocab_size=32000 --seq-len 2048 --autocast --compile
 
-Where `scripts/bench.py --model` says a model is slow, this says which ops the time goes to.
+Where `scripts/bench.py --model` says a model is slow, this says which ops the time goes to: the top ops by self
+time on the device (CUDA) or the CPU, and how much of the step the device was busy (a step whose device time is
+far below its wall time is bound by the host: launches, Python, syncs).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--rows", type=int, default=20)
+    parser.add_argument("--autocast", action="store_true", help="bf16 autocast (CUDA), as bench.py's +bf16 rows")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model, as bench.py's compile rows")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field of the model's config (YAML value); repeatable")
     args = parser.parse_args(argv)
@@ -42,15 +47,24 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(cfg, args.impl).to(device)
     x = torch.randint(0, BENCH_VOCAB, (args.batch_size, args.seq_len), device=device)
     y = torch.randint(0, BENCH_VOCAB, (args.batch_size, args.seq_len), device=device)
-    time_training_step(model, x, y, device=device, amp=False, compiled=False, warmup=1, repeat=1)  # warm up
+    if args.autocast and device.type != "cuda":
+        parser.error("--autocast profiles bf16 autocast on CUDA; this device is " + device.type)
+    mode = dict(amp=args.autocast, compiled=args.compile)
+    time_training_step(model, x, y, device=device, warmup=2, repeat=1, **mode)  # warm up (and compile)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
-        ms = time_training_step(model, x, y, device=device, amp=False, compiled=False, warmup=0, repeat=1)
-    print(f"# {args.model} {args.impl} B={args.batch_size} L={args.seq_len} on {device}: {ms:.1f} ms per step")
-    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=args.rows, max_name_column_width=70))
+        ms = time_training_step(model, x, y, device=device, warmup=0, repeat=1, **mode)
+    label = ("compile" if args.compile else "eager") + ("+bf16" if args.autocast else "")
+    print(f"# {args.model} {args.impl} {label} B={args.batch_size} L={args.seq_len} on {device}: "
+          f"{ms:.1f} ms per step")
+    events = prof.key_averages()
+    if device.type == "cuda":
+        busy = sum(e.self_device_time_total for e in events) / 1e3
+        print(f"# device busy {busy:.1f} ms of the step's {ms:.1f} ms ({busy / ms:.0%})")
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(events.table(sort_by=key, row_limit=args.rows, max_name_column_width=70))
     return 0
 
 

@@ -806,6 +806,9 @@ CLI_CASES: list[CliCase] = [
     CliCase("demo", "not_hamt", "--config", lambda: ["--config", write_yaml(GRU_RUN)]),
     CliCase("demo", "steps_0", "--steps", lambda: ["--steps", "0"]),
     CliCase("analyze_checkpoint", "no_checkpoint", "checkpoint", lambda: ["--model", tmp_out(), "--device", "cpu"]),
+    CliCase("profile_step", "autocast_on_cpu", "--autocast",
+            lambda: ["--model", "gru", "--seq-len", "8", "--autocast", "--device", "cpu"]),
+    CliCase("profile_step", "seq_len_0", "--seq-len", lambda: ["--model", "gru", "--seq-len", "0", "--device", "cpu"]),
 ]
 
 
@@ -823,6 +826,15 @@ def test_cli_bad_input(case: CliCase, capsys: pytest.CaptureFixture[str]) -> Non
     lines = [line for line in err.splitlines() if "error:" in line]
     assert len(lines) == 1, err
     assert re.search(named(case.arg), lines[0]), f"the error line does not name {case.arg!r}: {lines[0]}"
+
+
+def test_profile_step_prints_the_step_time_and_the_top_ops(capsys: pytest.CaptureFixture[str]) -> None:
+    status = script("profile_step").main(["--model", "gru", "--seq-len", "8", "--batch-size", "1", "--rows", "3",
+                                          "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert re.search(r"# gru optimized eager B=1 L=8 on cpu: [0-9.]+ ms per step", out), out
+    assert "Self CPU" in out and "aten::" in out, out
 
 
 # ---------------------------------------------------------------------------------------------- the table
