@@ -419,7 +419,6 @@ def titans_memory_triton(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Te
     `optimized.titans.titans_memory_chunked` (inputs already validated). `block_v` value columns per program
     (a power of two; default: see `_blocks`); `operands="triton"` (the default) forms the state-independent
     operands in one launch (`_operands_triton`), `"torch"` by torch's batched ops (`_kernel_operands`)."""
-    from optimized.titans import _compute_dtype, torch_chunked
 
     L = k.shape[2]
     C = min(chunk_size, max(L, 1))
@@ -427,9 +426,20 @@ def titans_memory_triton(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Te
     lam = float(global_decay)
     y, M, S, _, _ = _forward(q, k, v, alpha, eta, theta, C, lam, initial_state, store_states=False,
                              block_v=block_v, num_warps=num_warps, num_stages=num_stages, operands=operands)
+    return _with_tail((q, k, v, alpha, eta, theta), main, lam, y, M, S)
+
+
+def _with_tail(inputs: tuple[Tensor, ...], main: int, lam: float, y: Tensor, M: Tensor,
+               S: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The kernel's result over the first `main` positions (y, final M, S) completed by the last, shorter chunk
+    (the torch form from the kernel's final state) where `main` < L; the states in v's dtype (its work dtype after
+    a tail)."""
+    from optimized.titans import _compute_dtype, torch_chunked
+
+    q, k, v, alpha, eta, theta = inputs
+    L = k.shape[2]
     if main == L:
         return y, M.to(v.dtype), S.to(v.dtype)
-    # the last, shorter chunk: the torch path from the kernel's final state
     work = _compute_dtype(v.dtype)
     y_tail, M, S = torch_chunked(q[:, :, main:], k[:, :, main:], v[:, :, main:], alpha[:, :, main:],
                                  eta[:, :, main:], theta[:, :, main:], chunk_size=L - main, global_decay=lam,
@@ -534,7 +544,6 @@ class _TritonTitans(torch.autograd.Function):
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: Tensor,
                 M0: Tensor | None, S0: Tensor | None, chunk_size: int, global_decay: float,
                 operands: str) -> tuple[Tensor, Tensor, Tensor]:
-        from optimized.titans import torch_chunked
 
         L = k.shape[2]
         C = min(chunk_size, max(L, 1))
@@ -546,12 +555,7 @@ class _TritonTitans(torch.autograd.Function):
         ctx.chunk, ctx.main, ctx.global_decay = C, main, global_decay
         device = k.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        if main == L:
-            return y, M.to(v.dtype), S.to(v.dtype)
-        y_tail, M, S = torch_chunked(q[:, :, main:], k[:, :, main:], v[:, :, main:], alpha[:, :, main:],
-                                     eta[:, :, main:], theta[:, :, main:], chunk_size=L - main,
-                                     global_decay=global_decay, initial_state=(M, S))
-        return torch.cat([y, y_tail], dim=2), M, S
+        return _with_tail((q, k, v, alpha, eta, theta), main, global_decay, y, M, S)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor, grad_M: Tensor, grad_S: Tensor) -> tuple[Tensor | None, ...]:
@@ -627,7 +631,6 @@ def _composed(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta
     """`titans_memory_triton` with gradients as a composition: the operands by `_kernel_operands` (torch,
     differentiable), the state passing by `_TritonStatePass`, a last shorter chunk by the torch form. Same values as
     `_TritonTitans`; it keeps the operands' autograd intermediates instead of recomputing them in backward."""
-    from optimized.titans import _compute_dtype, torch_chunked
 
     B, H, L, d_k = k.shape
     d_v = v.shape[-1]
@@ -644,13 +647,7 @@ def _composed(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta
                                     eta[:, :, :main], theta[:, :, :main], C, lam, _io_dtype(q, k, v))
         apply = cast(Callable[..., tuple[Tensor, Tensor, Tensor]], _TritonStatePass.apply)
         y, M, S = apply(*operands, M.contiguous(), S.contiguous(), initial_state is not None, v.dtype)
-    if main == L:
-        return y, M.to(v.dtype), S.to(v.dtype)
-    work = _compute_dtype(v.dtype)
-    y_tail, M, S = torch_chunked(q[:, :, main:], k[:, :, main:], v[:, :, main:], alpha[:, :, main:],
-                                 eta[:, :, main:], theta[:, :, main:], chunk_size=L - main, global_decay=lam,
-                                 initial_state=(M.to(work), S.to(work)))
-    return torch.cat([y, y_tail.to(y.dtype)], dim=2), M, S
+    return _with_tail((q, k, v, alpha, eta, theta), main, lam, y, M, S)
 
 
 def titans_memory_triton_autograd(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: Tensor, *,
