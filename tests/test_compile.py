@@ -68,21 +68,26 @@ def test_hamt_memory_schedules_trace_without_graph_breaks(method: str, monkeypat
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize(("config", "vocab"), [("atlas_mag_tiny.yaml", 30), ("atlas_modular_cpu.yaml", 20),
                                                ("hamt_recall_cpu.yaml", 30)])
-def test_compiled_training_step_matches_eager_on_cuda(config: str, vocab: int) -> None:
+def test_compiled_training_step_matches_eager_on_cuda(config: str, vocab: int, amp: bool) -> None:
     """`torch.compile` (inductor) builds the Triton kernels' launches into its own code: the seventh session's
     compiled Atlas-MAG step failed to build (inductor passed the Omega kernel's Python-float arguments as float64
-    scalars). The compiled loss and gradients equal eager ones; fp32, tolerance for inductor's reassociation of
-    reductions: 1e-4 relative on the loss, 1e-3 of the largest gradient entry per parameter."""
+    scalars). The compiled loss and gradients equal eager ones. Tolerances: fp32, inductor's reassociation of
+    reductions, 1e-4 relative on the loss and 1e-3 of the largest gradient entry per parameter; under bf16 autocast,
+    where inductor also keeps some intermediates in float32 that eager rounds to bf16, the model tolerance 5e-2 on
+    both."""
+    loss_tol, grad_tol = (5e-2, 5e-2) if amp else (1e-4, 1e-3)
     torch.manual_seed(0)
     model = build_model(load_experiment(ROOT / "configs" / config).model, "optimized").cuda()
     x = torch.randint(0, vocab, (2, 48), generator=torch.Generator().manual_seed(0)).cuda()
 
     def loss(x: torch.Tensor) -> torch.Tensor:
-        out = model(x)
-        aux = out.get("aux_loss")
-        return out["logits"].float().square().mean() + (aux if isinstance(aux, torch.Tensor) else 0.0)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            out = model(x)
+            aux = out.get("aux_loss")
+            return out["logits"].float().square().mean() + (aux if isinstance(aux, torch.Tensor) else 0.0)
 
     def loss_and_grads(fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         model.zero_grad(set_to_none=True)
@@ -94,10 +99,10 @@ def test_compiled_training_step_matches_eager_on_cuda(config: str, vocab: int) -
     torch._dynamo.reset()
     eager, eager_grads = loss_and_grads(loss)
     compiled, compiled_grads = loss_and_grads(torch.compile(loss))
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=0.0)
+    torch.testing.assert_close(compiled, eager, rtol=loss_tol, atol=0.0)
     for (name, _), g_c, g_e in zip(model.named_parameters(), compiled_grads, eager_grads, strict=True):
         scale = g_e.abs().max().item()
-        assert (g_c - g_e).abs().max().item() <= 1e-3 * scale + 1e-12, name
+        assert (g_c - g_e).abs().max().item() <= grad_tol * scale + 1e-12, name
 
 
 @pytest.mark.parametrize("composed", [True, False], ids=["composed", "recomputing"])
