@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-reference", action="store_true",
                         help="--model: optimized rows only (the reference was timed in an earlier run)")
     parser.add_argument("--batch-size", type=int, default=None, help="batch size for --model")
+    parser.add_argument("--tokens-per-step", type=int, default=None, metavar="N",
+                        help="--model: batch N // L at each length L instead of one batch size, so that every "
+                             "length does the same work per step (cost per token without a fixed per-step cost)")
     parser.add_argument("--ref-autocast", action="store_true",
                         help="--model: also time the reference under bf16 autocast (CUDA)")
     parser.add_argument("--no-compile", action="store_true", help="--model: skip the torch.compile rows")
@@ -61,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     if bad_models:
         parser.error(f"--model {bad_models[0]!r} is not registered; "
                      f"choose one of: all, {', '.join(registered_models())}")
+    if args.tokens_per_step is not None:
+        if args.batch_size is not None:
+            parser.error("--tokens-per-step sets the batch at each length; leave out --batch-size")
+        longest = max(args.seq_lens or [1])
+        if args.tokens_per_step < longest:
+            parser.error(f"--tokens-per-step {args.tokens_per_step} is less than the longest --seq-lens {longest}: "
+                         "each step needs at least one whole sequence")
     try:
         overrides = parse_overrides(args.overrides)
         for name in models:
@@ -73,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                            extra={"seq_lens": args.seq_lens, "batch_size": args.batch_size,
                                   "ref_seq_lens": args.ref_seq_lens, "no_compile": args.no_compile,
                                   "no_reference": args.no_reference, "model_overrides": overrides,
-                                  "ref_autocast": args.ref_autocast})
+                                  "ref_autocast": args.ref_autocast, "tokens_per_step": args.tokens_per_step})
     machine = (f"{platform.machine()} {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
                f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"# memarch bench on {machine}")

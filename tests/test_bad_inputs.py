@@ -802,6 +802,10 @@ CLI_CASES: list[CliCase] = [
             lambda: ["--model", "unified", "--set", "memory_sise=5000", "--device", "cpu"]),
     CliCase("bench", "set_without_value", "--set",
             lambda: ["--model", "gru", "--set", "hidden_dim", "--device", "cpu"]),
+    CliCase("bench", "tokens_per_step_with_batch_size", "--tokens-per-step",
+            lambda: ["--model", "gru", "--tokens-per-step", "64", "--batch-size", "2", "--device", "cpu"]),
+    CliCase("bench", "tokens_per_step_below_seq_len", "--tokens-per-step",
+            lambda: ["--model", "gru", "--tokens-per-step", "16", "--seq-lens", "32", "--device", "cpu"]),
     CliCase("demo", "missing_config", "config file not found", lambda: ["--config", str(ROOT / "no-such.yaml")]),
     CliCase("demo", "not_hamt", "--config", lambda: ["--config", write_yaml(GRU_RUN)]),
     CliCase("demo", "steps_0", "--steps", lambda: ["--steps", "0"]),
@@ -826,15 +830,6 @@ def test_cli_bad_input(case: CliCase, capsys: pytest.CaptureFixture[str]) -> Non
     lines = [line for line in err.splitlines() if "error:" in line]
     assert len(lines) == 1, err
     assert re.search(named(case.arg), lines[0]), f"the error line does not name {case.arg!r}: {lines[0]}"
-
-
-def test_profile_step_prints_the_step_time_and_the_top_ops(capsys: pytest.CaptureFixture[str]) -> None:
-    status = script("profile_step").main(["--model", "gru", "--seq-len", "8", "--batch-size", "1", "--rows", "3",
-                                          "--device", "cpu"])
-    out = capsys.readouterr().out
-    assert status == 0
-    assert re.search(r"# gru optimized eager B=1 L=8 on cpu: [0-9.]+ ms per step", out), out
-    assert "Self CPU" in out and "aten::" in out, out
 
 
 # ---------------------------------------------------------------------------------------------- the table

@@ -79,10 +79,13 @@ def time_training_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 def bench_model(name: str, args: BenchArgs, *, seq_lens: Sequence[int], batch_size: int,
                 ref_seq_lens: Sequence[int] | None = None, compile_modes: Sequence[bool] = (False, True),
-                autocast: Sequence[bool] = (False, True)) -> list[BenchRow]:
+                autocast: Sequence[bool] = (False, True), tokens_per_step: int | None = None) -> list[BenchRow]:
     """Rows for the optimized model at every L in `seq_lens` (eager and compiled, fp32 and bf16 autocast on CUDA)
     and for the reference model at `ref_seq_lens` (eager fp32: its Python time loop makes every step slow, so it
-    is timed once after one warm-up step at L = 128). A row that runs out of memory is reported as such, not raised."""
+    is timed once after one warm-up step at L = 128). A row that runs out of memory is reported as such, not raised.
+
+    With `tokens_per_step` N each row's batch is N // L instead of `batch_size`, so every length does the same work
+    per step and the cost per token compares lengths without a per-step fixed cost favouring the long ones."""
     device = args.device
     cfg = model_config(name, args.extra.get("model_overrides"))
     rows: list[BenchRow] = []
@@ -98,11 +101,12 @@ def bench_model(name: str, args: BenchArgs, *, seq_lens: Sequence[int], batch_si
         torch.manual_seed(0)
         reference = impl == "reference"
         dispatch = ("compile" if compiled else "eager") + ("+bf16" if amp else "")
-        params = f"B={batch_size} L={L}"
+        batch = max(1, tokens_per_step // L) if tokens_per_step else batch_size
+        params = f"B={batch} L={L}"
         try:
             model = build_model(cfg, impl).to(device)
-            x = torch.randint(0, BENCH_VOCAB, (batch_size, L), device=device)
-            y = torch.randint(0, BENCH_VOCAB, (batch_size, L), device=device)
+            x = torch.randint(0, BENCH_VOCAB, (batch, L), device=device)
+            y = torch.randint(0, BENCH_VOCAB, (batch, L), device=device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             ms = time_training_step(model, x, y, device=device, amp=amp, compiled=compiled,
@@ -118,7 +122,7 @@ def bench_model(name: str, args: BenchArgs, *, seq_lens: Sequence[int], batch_si
         peak = f"peak {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB" if device.type == "cuda" else ""
         print(f"# {name} {impl} {dispatch} {params}: {ms:.1f} ms {peak}", file=sys.stderr, flush=True)
         rows.append(BenchRow(op=f"model:{name}", impl=impl, params=params, ms=ms, dispatch=dispatch,
-                             throughput=f"{batch_size * L / (ms / 1e3):,.0f} tok/s", note=peak))
+                             throughput=f"{batch * L / (ms / 1e3):,.0f} tok/s", note=peak))
         del model, x, y
     return rows
 
@@ -174,7 +178,7 @@ def bench_models(names: Sequence[str], args: BenchArgs) -> list[BenchRow]:
     rows: list[BenchRow] = []
     for name in names:
         rows.extend(bench_model(name, args, seq_lens=seq_lens, batch_size=args.extra.get("batch_size") or batch,
-                                ref_seq_lens=ref_lens,
+                                ref_seq_lens=ref_lens, tokens_per_step=args.extra.get("tokens_per_step"),
                                 compile_modes=(False,) if args.quick or args.extra.get("no_compile")
                                 else (False, True)))
     return rows
