@@ -419,7 +419,6 @@ def titans_memory_triton(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Te
     `optimized.titans.titans_memory_chunked` (inputs already validated). `block_v` value columns per program
     (a power of two; default: see `_blocks`); `operands="triton"` (the default) forms the state-independent
     operands in one launch (`_operands_triton`), `"torch"` by torch's batched ops (`_kernel_operands`)."""
-
     L = k.shape[2]
     C = min(chunk_size, max(L, 1))
     main = (L // C) * C
@@ -544,7 +543,6 @@ class _TritonTitans(torch.autograd.Function):
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: Tensor,
                 M0: Tensor | None, S0: Tensor | None, chunk_size: int, global_decay: float,
                 operands: str) -> tuple[Tensor, Tensor, Tensor]:
-
         L = k.shape[2]
         C = min(chunk_size, max(L, 1))
         main = (L // C) * C
@@ -631,7 +629,6 @@ def _composed(q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta
     """`titans_memory_triton` with gradients as a composition: the operands by `_kernel_operands` (torch,
     differentiable), the state passing by `_TritonStatePass`, a last shorter chunk by the torch form. Same values as
     `_TritonTitans`; it keeps the operands' autograd intermediates instead of recomputing them in backward."""
-
     B, H, L, d_k = k.shape
     d_v = v.shape[-1]
     C = min(chunk_size, max(L, 1))
