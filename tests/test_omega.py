@@ -386,9 +386,13 @@ def test_omega_sweep_benchmark_on_cuda_times_flex_the_default_and_every_launch()
     rows = discover()["omega_sweep"](BenchArgs(device=torch.device("cuda"), quick=True, repeat=1))
     assert [row.impl for row in rows[:2]] == ["peer:flex-swa", "optimized (default launch)"]
     assert rows[1].ms > 0 and "flex SWA" in rows[1].note
-    launches = rows[2:]
+    launches = rows[2:6]
     assert len(launches) == 4 and all(  # --quick: block_m 64, block_n 32/64, 4 warps, 2/3 stages
         row.impl == "optimized:triton" for row in launches)
+    backward = rows[6:]  # the default backward, then its 2 quick dk launches, checked against it
+    assert [row.impl for row in backward] == ["optimized backward (default launch)"] + ["optimized:triton-bwd"] * 2
+    assert backward[0].ms > 0
+    assert all(float(row.note.rsplit(" ", 1)[1]) <= 1e-2 for row in backward[1:] if row.ms > 0), backward
     timed = [row for row in launches if row.ms > 0]
     assert timed and all("max |Δ| / max |y| vs default" in row.note for row in timed)
     assert all(row.note.startswith("failed:") for row in launches if not row.ms > 0)
@@ -403,3 +407,30 @@ def test_omega_sweep_has_no_rows_on_cpu() -> None:
     from training.benchmarks import BenchArgs, discover
 
     assert discover()["omega_sweep"](BenchArgs(device=torch.device("cpu"), quick=True, repeat=1)) == []
+
+
+@needs_interpreter
+def test_backward_sweep_times_the_default_and_each_dk_launch_in_the_interpreter() -> None:
+    """`--op omega_sweep`'s backward rows (CUDA in use; here the interpreter on a small float32 shape): the default
+    launch first, then each dk launch of the quick grid, all computing the default's dk and dgate (float32: the
+    launches only regroup the sums, 1e-5)."""
+    from training.benchmarks import BenchArgs
+    from training.benchmarks.omega import _backward_sweep
+
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(1, 2, 80, 16, generator=g) for _ in range(2))
+    gate = torch.rand(1, 2, 80, generator=g)
+    rows = _backward_sweep(BenchArgs(device=torch.device("cpu"), quick=True, repeat=1), q, k, gate, 40, "params bwd")
+    assert [row.impl for row in rows] == ["optimized backward (default launch)"] + ["optimized:triton-bwd"] * 2
+    assert all(row.ms > 0 for row in rows), [row.note for row in rows]
+    assert [row.params.split(" dk ")[1] for row in rows[1:]] == ["block_m=64 block_n=32 warps=8 stages=2",
+                                                               "block_m=128 block_n=32 warps=8 stages=2"]
+    assert all(float(row.note.rsplit(" ", 1)[1]) <= 1e-5 for row in rows[1:]), [row.note for row in rows]
+
+
+def test_backward_dk_blocks_must_be_two_or_four_numbers() -> None:
+    from optimized.kernels.omega import omega_triton_backward
+
+    q = torch.zeros(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="dk_blocks is"):
+        omega_triton_backward(q, q, q, q[..., 0], q, q[..., 0] + 1, 4, 0.9, dk_blocks=(64, 32, 8))

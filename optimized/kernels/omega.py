@@ -339,11 +339,12 @@ def _default_bwd_blocks(head_dim: int, dtype: torch.dtype) -> tuple[int, int, in
 def omega_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, gate: Tensor, out: Tensor, den: Tensor,
                           window: int, decay_base: float, M_persistent: Tensor | None = None,
                           norm_persistent: Tensor | None = None, *, dq_blocks: tuple[int, int] | None = None,
-                          dk_blocks: tuple[int, int] | None = None
+                          dk_blocks: tuple[int, ...] | None = None
                           ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """(dq, dk, dgate, dM_persistent | None, dnorm_persistent | None) of `omega_triton` for the cotangent
     `grad_out`, from the forward's output `out` and denominator `den` (module docstring). `dq_blocks` and
-    `dk_blocks` override the (rows, steps) tiles of the two kernels (tests use small ones)."""
+    `dk_blocks` override the (rows, steps) tiles of the two kernels (tests use small ones); `dk_blocks` may also
+    give the dk kernel's (warps, stages) after its tiles (`--op omega_sweep` times such launches)."""
     B, H, length, Dh = q.shape
     g = grad_out.float()
     dnum = g / den[..., None]  # (B, H, L, Dh) float32
@@ -365,7 +366,12 @@ def omega_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, gate: Tensor, 
     _launch_rows(dnum_in, k, gate, window, decay_base, M_persistent, norm_persistent, 0.0, dq, None,
                  normalize=False, transpose_M=True, blocks=(bm, bn, warps, stages))
     bm, bn, warps, stages = _default_bwd_blocks(Dh, q.dtype)
-    bm, bn = dk_blocks or (bm, bn)
+    if dk_blocks is not None:
+        if len(dk_blocks) not in (2, 4):
+            raise ValueError(f"omega_triton_backward: dk_blocks is (block_m, block_n) or (block_m, block_n, warps, "
+                             f"stages), got {dk_blocks!r}")
+        bm, bn = dk_blocks[:2]
+        warps, stages = dk_blocks[2:] or (warps, stages)
     _check_blocks(bm, bn)
     q_c = q if q.stride(-1) == 1 else q.contiguous()
     k_c = k if k.stride(-1) == 1 else k.contiguous()

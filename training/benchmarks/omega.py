@@ -158,7 +158,7 @@ def bench_omega_sweep(args: BenchArgs) -> list[BenchRow]:
     yardstick, same call), the default launch, then query block × key block × warps × stages (32 launches; 4 with
     --quick, since each launch is one more Triton compile), each checked
     against the default's output (max |Δ| / max |y|) and given its ratio to flex; a launch that fails to compile
-    or run is a row, not an error."""
+    or run is a row, not an error. Then the backward's dk launches (`_backward_sweep`)."""
     if args.device.type != "cuda":
         return []
     from optimized.kernels.omega import omega_triton
@@ -208,4 +208,50 @@ def bench_omega_sweep(args: BenchArgs) -> list[BenchRow]:
             continue
         rows.append(BenchRow("omega_sweep", "optimized:triton", label, ms, "triton-fused",
                              note=f"{ms / flex_ms:.2f}x flex SWA; max |Δ| / max |y| vs default {error:.1e}"))
+    return rows + _backward_sweep(args, q, k, gate, window, params.replace(" fwd", " bwd"))
+
+
+def _backward_sweep(args: BenchArgs, q: torch.Tensor, k: torch.Tensor, gate: torch.Tensor, window: int,
+                    params: str) -> list[BenchRow]:
+    """The backward's launches (`omega_triton_backward`: dq through the forward kernel at its default, the dk/dgate
+    kernel at each (block_m keys, block_n queries, warps) with 2 stages: 8 launches, 2 with --quick): the default
+    first, then each launch's time and its largest deviation from the default's dk and dgate (max |Δ| / max |·|)."""
+    from optimized.kernels.omega import omega_triton, omega_triton_backward
+
+    device = args.device
+    with torch.no_grad():
+        out, den = omega_triton(q, k, gate, window, 0.95, return_den=True)
+        assert den is not None
+        grad_out = torch.randn(out.shape, generator=torch.Generator(device=device).manual_seed(1), device=device,
+                               dtype=out.dtype)
+
+        def backward(dk_blocks: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            _, dk, dgate, _, _ = omega_triton_backward(grad_out, q, k, gate, out, den, window, 0.95,
+                                                       dk_blocks=dk_blocks)
+            return dk, dgate
+
+        default_dk, default_dgate = (t.float() for t in backward())
+        default_ms = time_fn(backward, device, repeat=args.repeat)
+    rows = [BenchRow("omega_sweep", "optimized backward (default launch)", params, default_ms, "triton-fused")]
+    grid = ((64, 128), (32,), (8,), (2,)) if args.quick else ((64, 128), (32, 64), (4, 8), (2,))
+    for launch in itertools.product(*grid):
+        label = f"{params} dk block_m={launch[0]} block_n={launch[1]} warps={launch[2]} stages={launch[3]}"
+
+        def timed(launch: tuple[int, ...] = launch) -> tuple[torch.Tensor, torch.Tensor]:
+            return backward(launch)
+
+        try:
+            with torch.no_grad():
+                dk, dgate = backward(launch)
+                error = max(((dk.float() - default_dk).abs().max() / default_dk.abs().max().clamp_min(1e-30)).item(),
+                            ((dgate.float() - default_dgate).abs().max()
+                             / default_dgate.abs().max().clamp_min(1e-30)).item())
+                ms = time_fn(timed, device, repeat=args.repeat)
+        except Exception as failure:  # a launch that does not compile or fit: reported, not fatal
+            rows.append(BenchRow("omega_sweep", "optimized:triton-bwd", label, float("nan"), "triton-fused",
+                                 note=f"failed: {type(failure).__name__}: {failure}"[:200]))
+            continue
+        rows.append(BenchRow("omega_sweep", "optimized:triton-bwd", label, ms, "triton-fused",
+                             note=f"{ms / default_ms:.2f}x the default backward; max |Δ| / max vs default "
+                                  f"{error:.1e}"))
     return rows
