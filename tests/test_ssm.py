@@ -444,7 +444,40 @@ def test_triton_kernel_covers_lengths_states_layouts_and_options(kc: KernelCase)
 
 
 @needs_interpreter
-def test_triton_kernel_carries_the_state_across_many_tiles() -> None:
+@pytest.mark.parametrize("stages", [1, 3])
+@pytest.mark.parametrize("kc", [KERNEL_CASES[i] for i in (0, 2, 4, 6, 8)],
+                         ids=lambda kc: f"D{kc.dim}-N{kc.n_state}-L{kc.length}-{kc.layout}{kc.groups}")
+def test_pipelined_triton_kernel_matches_reference_in_the_interpreter(kc: KernelCase, stages: int) -> None:
+    """`selective_scan_triton(..., stages=S)` (the software-pipelined variant `--op scan_sweep` times): the same
+    cases as the default kernel's — L = 1, ragged lengths, padded N, the three layouts, options on and off."""
+    from optimized.kernels.selective_scan import selective_scan_triton
+
+    case = Case(batch=2, dim=kc.dim, n_state=kc.n_state, length=kc.length, b_layout=kc.layout, c_layout=kc.layout,
+                groups=kc.groups, has_D=kc.has_D, has_z=kc.has_z, has_bias=kc.has_bias, softplus=kc.has_bias,
+                last_state=True, has_h0=kc.has_h0, seed=kc.length + kc.dim + stages)
+
+    def kernel(*args: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        u, delta, A, B, C, D, z, bias, h0 = args
+        assert u is not None and delta is not None and A is not None and B is not None and C is not None
+        return selective_scan_triton(u, delta, A, B, C, D, z, bias, case.softplus, h0, block_d=kc.block_d,
+                                     block_l=kc.block_l, stages=stages)
+
+    assert_equivalent(_as_fn(ref, case), kernel, _inputs(case), dtype=torch.float32, model=True, grad=False)
+
+
+@pytest.mark.parametrize("stages", [0, -1, 2.0, True])
+def test_pipelined_triton_kernel_rejects_a_bad_stage_count(stages: object) -> None:
+    from optimized.kernels.selective_scan import selective_scan_triton
+
+    u = torch.zeros(1, 4, 8)
+    with pytest.raises(ValueError, match="stages must be an int >= 1"):
+        selective_scan_triton(u, u, torch.zeros(4, 4), torch.zeros(1, 4, 8), torch.zeros(1, 4, 8),
+                              stages=stages)  # type: ignore[arg-type]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("stages", [None, 3])
+def test_triton_kernel_carries_the_state_across_many_tiles(stages: int | None) -> None:
     # Δ A ≈ −1e-3 over 203 steps (51 tiles of 4, 26 loop iterations): a dropped or doubled carry between tiles, or
     # a tile scanned from zero, changes out far beyond the tolerance
     from optimized.kernels.selective_scan import selective_scan_triton
@@ -455,7 +488,7 @@ def test_triton_kernel_carries_the_state_across_many_tiles() -> None:
     delta = torch.full((1, 8, L), 1e-2)
     A = torch.full((8, 16), -0.1)
     B = C = torch.ones(1, 16, L)
-    out, last = selective_scan_triton(u, delta, A, B, C)
+    out, last = selective_scan_triton(u, delta, A, B, C, stages=stages)
     expected = 16 * 1e-2 * torch.exp(-1e-3 * torch.arange(L, dtype=torch.float64))
     torch.testing.assert_close(out[0].double(), expected.expand(8, L), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(last.double(), torch.full((1, 8, 16), 1e-2 * math.exp(-1e-3 * (L - 1)),
@@ -489,7 +522,12 @@ def test_triton_kernel_compiles_for_h100_without_a_gpu() -> None:
               "    if mode != 2:  # the backward kernel: SHARED and ONE_GROUP\n"
               "        kernel = compile_for_gpu(90, dtype, options=options, matrix_mode=mode, backward=True,\n"
               "                                 maxnreg=None)\n"
-              "        assert 'cubin' in kernel.asm\n")
+              "        assert 'cubin' in kernel.asm\n"
+              "# the pipelined variant: tile loads become asynchronous copies to shared memory (LDGSTS), no spills\n"
+              "# (half inputs: with 4-step tiles Triton 3.9 keeps them synchronous, with 8-step tiles not)\n"
+              "for dtype, block_l in (('fp32', 4), ('bf16', 8)):\n"
+              "    sass = compile_for_gpu(90, dtype, stages=3, block_l=block_l).asm['sass']\n"
+              "    assert 'LDGSTS' in sass and 'STL' not in sass, dtype\n")
     assert_compiles(script)
 
 

@@ -219,6 +219,35 @@ def _selective_scan_fwd(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bia
 
 
 @_jit
+def _selective_scan_fwd_pipelined(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, out_ptr,  # type: ignore[no-untyped-def]
+                                  last_ptr, dim, length, n_state, group_B, group_C,
+                                  sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
+                                  HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                  HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr, B_MODE: tl.constexpr,
+                                  C_MODE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                                  BLOCK_L: tl.constexpr, STAGES: tl.constexpr):
+    """`_selective_scan_fwd` with one tile per iteration and Triton's software pipelining (`tl.range(...,
+    num_stages=STAGES)`) in place of the two register slots: on sm_80+ the tile loads become asynchronous copies
+    into shared memory issued STAGES − 1 tiles ahead (cp.async; LDGSTS in the sm_90 SASS), so more loads are in
+    flight per program without holding them in registers. Same values; an alternative launch for
+    `--op scan_sweep`, not the default (untimed when written)."""
+    b = tl.program_id(0).to(tl.int64)
+    d0 = tl.program_id(1) * BLOCK_D
+    offs_d, offs_n, mask_d, mask_n, mask_nd, state_offs, A, D, bias, B_fixed, C_fixed, rows, base_B, base_C, h = \
+        _program_setup(b, d0, A_ptr, D_ptr, bias_ptr, B_ptr, C_ptr, h0_ptr, dim, length, n_state, group_B, group_C,
+                       sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, HAS_D, HAS_BIAS, HAS_H0, B_MODE, C_MODE, BLOCK_D, BLOCK_N)
+    offs_l = tl.arange(0, BLOCK_L)
+    A = A * 1.4426950408889634  # see _selective_scan_fwd
+    for start in tl.range(0, length, BLOCK_L, num_stages=STAGES):
+        u, dt, z, Bt, Ct = _load_tile(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, rows, base_B, base_C, offs_d, offs_n,
+                                      start + offs_l, mask_d, mask_n, length, group_B, group_C, sB_g, sB_n, sB_l,
+                                      sC_g, sC_n, sC_l, HAS_Z, B_MODE, C_MODE)
+        h = _scan_tile(h, u, dt, z, Bt, Ct, B_fixed, C_fixed, A, D, bias, out_ptr, rows, start + offs_l, offs_l,
+                       mask_d, length, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, B_MODE, C_MODE, BLOCK_L)
+    tl.store(last_ptr + state_offs, h, mask=mask_nd)
+
+
+@_jit
 def _delta_at(delta_ptr, io, mask_ld, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):  # type: ignore[no-untyped-def]
     """Δ at the (BLOCK_L, BLOCK_D) offsets `io` after delta_bias and softplus, 0 where masked; and dΔ/d(raw δ)."""
     raw = tl.load(delta_ptr + io, mask=mask_ld, other=0.0).to(tl.float32)
@@ -400,11 +429,14 @@ def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
                           z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                           initial_state: Tensor | None = None, *, block_d: int | None = None,
                           block_l: int | None = None, num_warps: int = 1,
-                          maxnreg: int | None = MAX_REGISTERS) -> tuple[Tensor, Tensor]:
+                          maxnreg: int | None = MAX_REGISTERS, stages: int | None = None) -> tuple[Tensor, Tensor]:
     """Forward only: (out (B, D, L) in u's dtype, last_state (B, D, N) float32). Inputs as in
     `reference.ssm.selective_scan` (already validated by the caller). `block_d` channels per program and
     `block_l` steps per tile (powers of two; defaults: `default_blocks`), `num_warps` per program (1: the layout
-    the module docstring describes), `maxnreg` registers per thread (None: uncapped)."""
+    the module docstring describes), `maxnreg` registers per thread (None: uncapped). `stages` (≥ 1) launches
+    `_selective_scan_fwd_pipelined` with that many pipeline stages instead of the register double buffering."""
+    if stages is not None and (isinstance(stages, bool) or not isinstance(stages, int) or stages < 1):
+        raise ValueError(f"selective_scan_triton: stages must be an int >= 1 or None, got {stages!r}")
     batch, dim, length = u.shape
     n_state = A.shape[1]
     block_n, block_d, block_l = _tiles(n_state, block_d, block_l)
@@ -420,11 +452,13 @@ def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     if PER_CHANNEL in (B_mode, C_mode) and maxnreg == MAX_REGISTERS:
         maxnreg = None  # the per-channel gathers need ~170 registers: capped at 128 they would spill
     grid = (batch, triton.cdiv(dim, block_d))
-    _selective_scan_fwd[grid](
+    kernel, extra = (_selective_scan_fwd, {}) if stages is None else (_selective_scan_fwd_pipelined,
+                                                                       {"STAGES": stages})
+    kernel[grid](
         u_c, delta_c, A_c, B, C, D_c, z_c, bias_c, h0, out, last, dim, length, n_state, group_B, group_C,
         *strides_B, *strides_C, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         HAS_H0=initial_state is not None, SOFTPLUS=delta_softplus, B_MODE=B_mode, C_MODE=C_mode, BLOCK_D=block_d,
-        BLOCK_N=block_n, BLOCK_L=block_l, num_warps=num_warps, maxnreg=maxnreg)
+        BLOCK_N=block_n, BLOCK_L=block_l, num_warps=num_warps, maxnreg=maxnreg, **extra)
     return out, last
 
 
@@ -500,21 +534,25 @@ def selective_scan_triton_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tenso
 
 def compile_for_gpu(capability: int = 90, dtype: str = "bf16", *, options: bool = True, matrix_mode: int = ONE_GROUP,
                     block_d: int = 8, block_n: int = 16, block_l: int = 4, num_warps: int = 1,
-                    maxnreg: int | None = MAX_REGISTERS, backward: bool = False) -> Any:
+                    maxnreg: int | None = MAX_REGISTERS, backward: bool = False, stages: int | None = None) -> Any:
     """Compile `_selective_scan_fwd` ahead of time for CUDA compute capability `capability` (90: H100) with
     (u, delta, B, C, z, out) in `dtype` ("fp32", "fp16", "bf16"), every option on or off and B, C read as
     `matrix_mode` (SHARED, ONE_GROUP, PER_CHANNEL); no GPU needed (Triton's frontend, its passes and ptxas run on
     the CPU). This is the check `TRITON_INTERPRET=1` cannot make, so it must run in a process without that
     variable (the tests use a subprocess). With `backward`, `_selective_scan_bwd` instead (`matrix_mode` SHARED
-    or ONE_GROUP; the gradient buffers float32). Returns Triton's compiled kernel."""
+    or ONE_GROUP; the gradient buffers float32); with `stages`, `_selective_scan_fwd_pipelined`. Returns Triton's
+    compiled kernel."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel = _selective_scan_bwd if backward else _selective_scan_fwd
+    kernel = _selective_scan_bwd if backward else _selective_scan_fwd if stages is None \
+        else _selective_scan_fwd_pipelined
     names: list[str] = kernel.arg_names
     constexprs = {"HAS_D": options, "HAS_Z": options, "HAS_BIAS": options, "HAS_H0": options, "SOFTPLUS": options,
                   "B_MODE": matrix_mode, "C_MODE": matrix_mode, "BLOCK_D": block_d, "BLOCK_N": block_n,
                   "BLOCK_L": block_l}
+    if stages is not None and not backward:
+        constexprs["STAGES"] = stages
     io = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "dout_ptr"}  # input dtype; the rest fp32
     signature = {name: "constexpr" if name in constexprs else (f"*{dtype}" if name in io else "*fp32")
                  if name.endswith("_ptr") else "i32" for name in names}

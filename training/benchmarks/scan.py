@@ -177,49 +177,53 @@ def bench_scan(args: BenchArgs) -> list[BenchRow]:
     return rows
 
 
-def _triton_out(inputs: tuple[torch.Tensor, ...], block_d: int, block_l: int, warps: int) -> torch.Tensor:
+def _triton_out(inputs: tuple[torch.Tensor, ...], block_d: int, block_l: int, warps: int,
+                stages: int | None = None) -> torch.Tensor:
     from optimized.kernels.selective_scan import selective_scan_triton
 
     u, delta, A, B, C, D, z, delta_bias = inputs
     return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, True, block_d=block_d, block_l=block_l,
-                                 num_warps=warps)[0]
+                                 num_warps=warps, stages=stages)[0]
 
 
 @register("scan_sweep")
 def bench_scan_sweep(args: BenchArgs) -> list[BenchRow]:
     """CUDA only: our Triton scan at B=8 D=2048 N=16 fp32 over its launch knobs (channels per program, steps per
-    tile, warps per program), each checked against the default configuration's output; the fastest three are
-    then timed at L=8192. For choosing `default_blocks` on a new GPU; no rows on CPU."""
+    tile, warps per program; and the software-pipelined variant's stages, `selective_scan_triton(stages=…)`), each
+    checked against the default configuration's output; the fastest three are then timed at L=8192. For choosing
+    `default_blocks` (and whether the pipelined variant should be the default) on a new GPU; no rows on CPU."""
     if args.device.type != "cuda":
         return []
     from optimized.kernels.selective_scan import default_blocks
 
     generator = torch.Generator().manual_seed(0)
     rows: list[BenchRow] = []
-    timed: list[tuple[float, int, int, int]] = []
+    timed: list[tuple[float, int, int, int, int]] = []  # (ms, block_d, block_l, warps, stages; 0: double-buffered)
     lengths = [256] if args.quick else [2048, 8192]
     for length in lengths:
         inputs = _inputs(8, 2048 if not args.quick else 64, 16, length, torch.float32, args.device, generator)
         floor_bytes = _floor_bytes(inputs[0].shape[0], inputs[0].shape[1], 16, length, torch.float32)
         floor_ms = floor_bytes / (H100_BANDWIDTH_GBS * 1e6)
         expected = _triton_out(inputs, *default_blocks(16), 1)
-        configs = ([(bd, bl, w) for bd in (4, 8, 16) for bl in (2, 4, 8) for w in (1, 2)] if length == lengths[0]
-                   else [(bd, bl, w) for _, bd, bl, w in sorted(timed)[:3]])
-        for block_d, block_l, warps in configs:
-            call = functools.partial(_triton_out, inputs, block_d, block_l, warps)
+        pipelined = ([(8, 4, 1, 3), (8, 8, 1, 3)] if args.quick
+                     else [(bd, bl, 1, st) for bd in (8, 16) for bl in (4, 8) for st in (2, 3, 4)])
+        configs = ([(bd, bl, w, 0) for bd in (4, 8, 16) for bl in (2, 4, 8) for w in (1, 2)] + pipelined
+                   if length == lengths[0] else [(bd, bl, w, st) for _, bd, bl, w, st in sorted(timed)[:3]])
+        for block_d, block_l, warps, stages in configs:
+            call = functools.partial(_triton_out, inputs, block_d, block_l, warps, stages or None)
+            params = f"L={length} block_d={block_d} block_l={block_l} warps={warps}" + (
+                f" stages={stages} (pipelined)" if stages else "")
             try:
                 error = (call() - expected).abs().max().item()
                 ms = time_fn(call, args.device, repeat=args.repeat)
             except Exception as failure:  # a configuration that does not compile or run: reported, not fatal
-                rows.append(BenchRow(op="scan_sweep", impl="optimized:triton", ms=float("nan"),
-                                     params=f"L={length} block_d={block_d} block_l={block_l} warps={warps}",
+                rows.append(BenchRow(op="scan_sweep", impl="optimized:triton", ms=float("nan"), params=params,
                                      dispatch="triton", note=f"failed: {type(failure).__name__}: {failure}"[:200]))
                 continue
             if length == lengths[0]:
-                timed.append((ms, block_d, block_l, warps))
-            default = (block_d, block_l) == default_blocks(16) and warps == 1
-            rows.append(BenchRow(op="scan_sweep", impl="optimized:triton", ms=ms, dispatch="triton",
-                                 params=f"L={length} block_d={block_d} block_l={block_l} warps={warps}",
+                timed.append((ms, block_d, block_l, warps, stages))
+            default = (block_d, block_l) == default_blocks(16) and warps == 1 and not stages
+            rows.append(BenchRow(op="scan_sweep", impl="optimized:triton", ms=ms, dispatch="triton", params=params,
                                  throughput=f"{floor_bytes / (ms * 1e6):.1f} GB/s", floor_fraction=floor_ms / ms,
                                  note=f"max |Δ| vs default {error:.1e}{'; the default' if default else ''}"))
     return rows
