@@ -5,7 +5,6 @@ bounds, the λ schedule, gate statistics, bad configs, and a CPU training run wh
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import itertools
 import json
 from pathlib import Path
@@ -20,6 +19,7 @@ import reference.atlas_mag as ref
 from reference.validation import ConfigError
 from tests.causality import assert_causal
 from tests.equivalence import assert_modules_equivalent, assert_same_parameters
+from tests.scripts import load_script
 from tests.strategies import make_tensor, seeds
 from training import load_experiment
 from training.probes.niah import niah_batch
@@ -183,10 +183,7 @@ def test_bad_configs_are_rejected(bad: dict[str, object], match: str) -> None:
 
 def test_cpu_config_trains_loss_falls_probe_reports_and_checkpoint_analyses(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    spec = importlib.util.spec_from_file_location("analyze_checkpoint", ROOT / "scripts" / "analyze_checkpoint.py")
-    assert spec is not None and spec.loader is not None
-    analyze_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(analyze_script)
+    analyze_script = load_script("analyze_checkpoint")
     from training.device import resolve_device
     from training.loop import train
 

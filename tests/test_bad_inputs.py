@@ -35,6 +35,7 @@ from reference.validation import (
     NonFiniteError,
     ShapeError,
 )
+from tests.scripts import load_script
 from tests.tiny_models import TINY_MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -745,12 +746,7 @@ def test_empty_sequence_gives_an_empty_result(impl: str, case: Empty) -> None:
 
 # ---------------------------------------------------------------------------------------------- the CLIs
 
-def script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"memarch_script_{name}", ROOT / "scripts" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+script = load_script
 
 
 def write_yaml(data: object) -> str:

@@ -290,15 +290,11 @@ def test_bind_benchmark_reports_reference_and_optimized_rows() -> None:
 def test_bench_cli_records_the_memarch_switches_in_effect(tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     """A/B runs differ only in a MEMARCH_* variable (e.g. the memory schedule); the printout and the JSON say which."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("bench_cli", Path(__file__).resolve().parents[1] / "scripts" /
-                                                  "bench.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from tests.scripts import load_script
+
+    bench = load_script("bench")
     monkeypatch.setenv("MEMARCH_DECAYED_CUMSUM", "batched")
     assert bench.main(["--op", "bind", "--quick", "--repeat", "1", "--device", "cpu",
                        "--json", str(tmp_path / "out.json")]) == 0
