@@ -198,16 +198,12 @@ def bench_omega_sweep(args: BenchArgs) -> list[BenchRow]:
         def launch(bm: int = bm, bn: int = bn, warps: int = warps, stages: int = stages) -> torch.Tensor:
             return forward(bm, bn, warps, stages)
 
-        try:
-            with torch.no_grad():
-                error = (launch().float() - default_out).abs().max().item() / scale
-                ms = time_fn(launch, device, repeat=args.repeat)
-        except Exception as failure:  # a launch that does not compile or fit: reported, not fatal
-            rows.append(BenchRow("omega_sweep", "optimized:triton", label, float("nan"), "triton-fused",
-                                 note=f"failed: {type(failure).__name__}: {failure}"[:200]))
-            continue
-        rows.append(BenchRow("omega_sweep", "optimized:triton", label, ms, "triton-fused",
-                             note=f"{ms / flex_ms:.2f}x flex SWA; max |Δ| / max |y| vs default {error:.1e}"))
+        def deviation(launch: Callable[[], torch.Tensor] = launch) -> float:
+            return (launch().float() - default_out).abs().max().item() / scale
+
+        rows.append(_launch_row(args, "optimized:triton", label, launch, deviation,
+                                lambda ms, error: f"{ms / flex_ms:.2f}x flex SWA; max |Δ| / max |y| vs default "
+                                                  f"{error:.1e}"))
     return rows + _backward_sweep(args, q, k, gate, window, params.replace(" fwd", " bwd"))
 
 
@@ -240,18 +236,26 @@ def _backward_sweep(args: BenchArgs, q: torch.Tensor, k: torch.Tensor, gate: tor
         def timed(launch: tuple[int, ...] = launch) -> tuple[torch.Tensor, torch.Tensor]:
             return backward(launch)
 
-        try:
-            with torch.no_grad():
-                dk, dgate = backward(launch)
-                error = max(((dk.float() - default_dk).abs().max() / default_dk.abs().max().clamp_min(1e-30)).item(),
-                            ((dgate.float() - default_dgate).abs().max()
-                             / default_dgate.abs().max().clamp_min(1e-30)).item())
-                ms = time_fn(timed, device, repeat=args.repeat)
-        except Exception as failure:  # a launch that does not compile or fit: reported, not fatal
-            rows.append(BenchRow("omega_sweep", "optimized:triton-bwd", label, float("nan"), "triton-fused",
-                                 note=f"failed: {type(failure).__name__}: {failure}"[:200]))
-            continue
-        rows.append(BenchRow("omega_sweep", "optimized:triton-bwd", label, ms, "triton-fused",
-                             note=f"{ms / default_ms:.2f}x the default backward; max |Δ| / max vs default "
-                                  f"{error:.1e}"))
+        def deviation(timed: Callable[[], tuple[torch.Tensor, torch.Tensor]] = timed) -> float:
+            dk, dgate = timed()
+            return max(((got.float() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+                       for got, want in ((dk, default_dk), (dgate, default_dgate)))
+
+        rows.append(_launch_row(args, "optimized:triton-bwd", label, timed, deviation,
+                                lambda ms, error: f"{ms / default_ms:.2f}x the default backward; max |Δ| / max vs "
+                                                  f"default {error:.1e}"))
     return rows
+
+
+def _launch_row(args: BenchArgs, impl: str, label: str, run: Callable[[], object], deviation: Callable[[], float],
+                note: Callable[[float, float], str]) -> BenchRow:
+    """One sweep launch as a row: its deviation from the default launch's result, then its time (`note(ms,
+    deviation)`); a launch that does not compile or fit is a failed row, not an error."""
+    try:
+        with torch.no_grad():
+            error = deviation()
+            ms = time_fn(run, args.device, repeat=args.repeat)
+    except Exception as failure:  # reported, not fatal
+        return BenchRow("omega_sweep", impl, label, float("nan"), "triton-fused",
+                        note=f"failed: {type(failure).__name__}: {failure}"[:200])
+    return BenchRow("omega_sweep", impl, label, ms, "triton-fused", note=note(ms, error))
