@@ -34,12 +34,17 @@ def test_optimized_forward_traces_without_graph_breaks_on_cuda(config: str, voca
     assert_no_graph_breaks(config, vocab, torch.device("cuda"))
 
 
+def model_and_tokens(config: str, vocab: int, device: torch.device) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The optimized model of `configs/<config>` on `device` and a (2, 48) batch of token ids below `vocab`."""
+    model = build_model(load_experiment(ROOT / "configs" / config).model, "optimized").to(device)
+    return model, torch.randint(0, vocab, (2, 48), generator=torch.Generator().manual_seed(0)).to(device)
+
+
 def assert_no_graph_breaks(config: str, vocab: int, device: torch.device) -> None:
     import torch._dynamo as dynamo
 
     dynamo.reset()
-    model = build_model(load_experiment(ROOT / "configs" / config).model, "optimized").to(device)
-    x = torch.randint(0, vocab, (2, 48), generator=torch.Generator().manual_seed(0)).to(device)
+    model, x = model_and_tokens(config, vocab, device)
 
     def loss(x: torch.Tensor) -> torch.Tensor:
         out = model(x)
@@ -80,8 +85,7 @@ def test_compiled_training_step_matches_eager_on_cuda(config: str, vocab: int, a
     both."""
     loss_tol, grad_tol = (5e-2, 5e-2) if amp else (1e-4, 1e-3)
     torch.manual_seed(0)
-    model = build_model(load_experiment(ROOT / "configs" / config).model, "optimized").cuda()
-    x = torch.randint(0, vocab, (2, 48), generator=torch.Generator().manual_seed(0)).cuda()
+    model, x = model_and_tokens(config, vocab, torch.device("cuda"))
 
     def loss(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
