@@ -79,19 +79,23 @@ def test_hamt_memory_schedules_trace_without_graph_breaks(method: str, monkeypat
 def test_compiled_training_step_matches_eager_on_cuda(config: str, vocab: int, amp: bool) -> None:
     """`torch.compile` (inductor) builds the Triton kernels' launches into its own code: the seventh session's
     compiled Atlas-MAG step failed to build (inductor passed the Omega kernel's Python-float arguments as float64
-    scalars). The compiled loss and gradients equal eager ones. Tolerances: fp32, inductor's reassociation of
-    reductions, 1e-4 relative on the loss and 1e-3 of the largest gradient entry per parameter; under bf16 autocast,
-    where inductor also keeps some intermediates in float32 that eager rounds to bf16, the model tolerance 5e-2 on
-    both."""
-    loss_tol, grad_tol = (5e-2, 5e-2) if amp else (1e-4, 1e-3)
+    scalars). The compiled loss and gradients equal eager ones. fp32: within inductor's reassociation of reductions,
+    1e-4 relative on the loss and 1e-3 of the largest gradient entry per parameter. Under bf16 autocast the two
+    round differently (inductor keeps some intermediates in float32 that eager rounds to bf16), and a small
+    gradient that is a sum over every position with cancellation (a bias's) can differ by several percent between
+    two bf16 runs (the eighth session's GPU run: 8e-5 of a 1e-3 gradient). So there, as flash-attention's tests do,
+    both are measured against the fp32 eager step: the compiled error is at most twice eager's plus 1e-2 of the
+    largest entry (a compiled step that computed something else is off by the order of the value itself)."""
     torch.manual_seed(0)
     model, x = model_and_tokens(config, vocab, torch.device("cuda"))
 
-    def loss(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            out = model(x)
-            aux = out.get("aux_loss")
-            return out["logits"].float().square().mean() + (aux if isinstance(aux, torch.Tensor) else 0.0)
+    def loss_fn(bf16: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        def loss(x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                out = model(x)
+                aux = out.get("aux_loss")
+                return out["logits"].float().square().mean() + (aux if isinstance(aux, torch.Tensor) else 0.0)
+        return loss
 
     def loss_and_grads(fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         model.zero_grad(set_to_none=True)
@@ -101,12 +105,19 @@ def test_compiled_training_step_matches_eager_on_cuda(config: str, vocab: int, a
                                 for p in model.parameters()]
 
     torch._dynamo.reset()
-    eager, eager_grads = loss_and_grads(loss)
-    compiled, compiled_grads = loss_and_grads(torch.compile(loss))
-    torch.testing.assert_close(compiled, eager, rtol=loss_tol, atol=0.0)
-    for (name, _), g_c, g_e in zip(model.named_parameters(), compiled_grads, eager_grads, strict=True):
-        scale = g_e.abs().max().item()
-        assert (g_c - g_e).abs().max().item() <= grad_tol * scale + 1e-12, name
+    eager, eager_grads = loss_and_grads(loss_fn(amp))
+    compiled, compiled_grads = loss_and_grads(torch.compile(loss_fn(amp)))
+    names = [name for name, _ in model.named_parameters()]
+    if not amp:
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=0.0)
+        for name, g_c, g_e in zip(names, compiled_grads, eager_grads, strict=True):
+            assert (g_c - g_e).abs().max().item() <= 1e-3 * g_e.abs().max().item() + 1e-12, name
+        return
+    truth, truth_grads = loss_and_grads(loss_fn(False))
+    assert (compiled - truth).abs().item() <= 2 * (eager - truth).abs().item() + 1e-2 * truth.abs().item()
+    for name, g_c, g_e, g_t in zip(names, compiled_grads, eager_grads, truth_grads, strict=True):
+        err_c, err_e = (g_c - g_t).abs().max().item(), (g_e - g_t).abs().max().item()
+        assert err_c <= 2 * err_e + 1e-2 * g_t.abs().max().item() + 1e-12, (name, err_c, err_e)
 
 
 @pytest.mark.parametrize("composed", [True, False], ids=["composed", "recomputing"])
