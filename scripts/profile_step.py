@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType  # type: ignore[attr-defined]
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{ms:.1f} ms per step")
     events = prof.key_averages()
     if device.type == "cuda":
-        busy = sum(e.self_device_time_total for e in events) / 1e3
+        # the kernels' own rows only: an op's row repeats its kernels' time as its own self device time
+        busy = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e3
         print(f"# device busy {busy:.1f} ms of the step's {ms:.1f} ms ({busy / ms:.0%})")
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(events.table(sort_by=key, row_limit=args.rows, max_name_column_width=70))
