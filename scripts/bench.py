@@ -20,7 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from training.benchmarks import PROGRESS, BenchArgs, discover, format_table
-from training.benchmarks.models import bench_models, model_config, parse_overrides, registered_models, summarize
+from training.benchmarks.models import (
+    COMPILE_MODES,
+    bench_models,
+    model_config,
+    parse_overrides,
+    registered_models,
+    summarize,
+)
 from training.device import resolve_device
 
 
@@ -42,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ref-autocast", action="store_true",
                         help="--model: also time the reference under bf16 autocast (CUDA)")
     parser.add_argument("--no-compile", action="store_true", help="--model: skip the torch.compile rows")
+    parser.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
+                        help="--model: torch.compile's mode for the compile rows (default: its default mode); "
+                             "reduce-overhead replays the step's kernels as CUDA graphs, for steps bound by the host's "
+                             "kernel launches")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="--model: override a field of the model's config (YAML value), e.g. --set "
                              "memory_size=5000 --set disable_memory=true; repeatable")
@@ -83,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                            extra={"seq_lens": args.seq_lens, "batch_size": args.batch_size,
                                   "ref_seq_lens": args.ref_seq_lens, "no_compile": args.no_compile,
                                   "no_reference": args.no_reference, "model_overrides": overrides,
-                                  "ref_autocast": args.ref_autocast, "tokens_per_step": args.tokens_per_step})
+                                  "ref_autocast": args.ref_autocast, "tokens_per_step": args.tokens_per_step,
+                                  "compile_mode": args.compile_mode})
     machine = (f"{platform.machine()} {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
                f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"# memarch bench on {machine}")

@@ -42,3 +42,25 @@ def test_profile_step_prints_the_step_time_and_the_top_ops(capsys: pytest.Captur
     assert status == 0
     assert re.search(r"# gru optimized eager B=1 L=8 on cpu: [0-9.]+ ms per step", out), out
     assert "Self CPU" in out and "aten::" in out, out
+
+
+def test_model_benchmark_compile_mode_reaches_torch_compile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--compile-mode reduce-overhead` is the mode each compile row hands `torch.compile` (stubbed here: the CPU
+    machine has no CUDA graphs to replay), and the rows name it; the default mode leaves the label plain."""
+    import torch
+
+    seen: list[str | None] = []
+
+    def fake_compile(model: torch.nn.Module, mode: str | None = None) -> torch.nn.Module:
+        seen.append(mode)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    for mode, label in (("reduce-overhead", "compile[reduce-overhead]"), ("default", "compile")):
+        seen.clear()
+        argv = ["--model", "gru", "--seq-lens", "16", "--batch-size", "1", "--no-reference", "--repeat", "1",
+                "--device", "cpu", "--compile-mode", mode, "--json", str(tmp_path / f"{mode}.json")]
+        assert script("bench").main(argv) == 0
+        rows = json.loads((tmp_path / f"{mode}.json").read_text())["rows"]
+        assert sorted(r["dispatch"] for r in rows) == sorted(["eager", label])
+        assert seen == [None if mode == "default" else mode]

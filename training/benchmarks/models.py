@@ -21,6 +21,7 @@ from training.loop import loss_and_accuracy, split_output
 from training.registry import MODELS, build_model, get_model_spec
 
 BENCH_VOCAB = 256
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's modes
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
@@ -53,14 +54,19 @@ REFERENCE_WARMUP_LEN = 128  # the reference models' warm-up step length (see `ti
 
 
 def time_training_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torch.device,
-                       amp: bool, compiled: bool, warmup: int, repeat: int, warmup_len: int | None = None) -> float:
+                       amp: bool, compiled: bool, warmup: int, repeat: int, warmup_len: int | None = None,
+                       compile_mode: str | None = None) -> float:
     """Median ms of one forward + backward + AdamW step of `model` on (x, y). With `warmup_len`, the warm-up steps
     run on the first `warmup_len` positions only (they load the kernels and the allocator's pools; the reference
-    models' full-length steps take minutes, and a second one would only repeat the timed one)."""
+    models' full-length steps take minutes, and a second one would only repeat the timed one). `compile_mode` is
+    `torch.compile`'s mode ("reduce-overhead": the compiled forward and backward replayed as CUDA graphs)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    fwd = torch.compile(model) if compiled else model
+    fwd = torch.compile(model, mode=compile_mode) if compiled else model
+    graphs = compiled and compile_mode == "reduce-overhead"
 
     def step(x: torch.Tensor = x, y: torch.Tensor = y) -> None:
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are dead: replay over them
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits, aux, _ = split_output(fwd(x))
             loss, _ = loss_and_accuracy(logits, y)
@@ -100,7 +106,9 @@ def bench_model(name: str, args: BenchArgs, *, seq_lens: Sequence[int], batch_si
     for impl, compiled, amp, L in plan:
         torch.manual_seed(0)
         reference = impl == "reference"
-        dispatch = ("compile" if compiled else "eager") + ("+bf16" if amp else "")
+        compile_mode = args.extra.get("compile_mode") if args.extra.get("compile_mode") != "default" else None
+        dispatch = (("compile" + (f"[{compile_mode}]" if compile_mode else "")) if compiled else "eager") \
+            + ("+bf16" if amp else "")
         batch = max(1, tokens_per_step // L) if tokens_per_step else batch_size
         params = f"B={batch} L={L}"
         try:
@@ -111,7 +119,8 @@ def bench_model(name: str, args: BenchArgs, *, seq_lens: Sequence[int], batch_si
                 torch.cuda.reset_peak_memory_stats(device)
             ms = time_training_step(model, x, y, device=device, amp=amp, compiled=compiled,
                                     warmup=1 if reference else 2, repeat=1 if reference else args.repeat,
-                                    warmup_len=REFERENCE_WARMUP_LEN if reference else None)
+                                    warmup_len=REFERENCE_WARMUP_LEN if reference else None,
+                                    compile_mode=compile_mode)
         except torch.OutOfMemoryError:
             rows.append(BenchRow(op=f"model:{name}", impl=impl, params=params, ms=float("nan"), dispatch=dispatch,
                                  note="out of memory"))
