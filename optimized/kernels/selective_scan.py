@@ -412,10 +412,24 @@ def default_blocks(n_state: int) -> tuple[int, int]:
     return 8, max(1, min(8, 64 // block_n))
 
 
-def _tiles(n_state: int, block_d: int | None, block_l: int | None) -> tuple[int, int, int]:
+# The forward's default: the software-pipelined kernel with 3 stages (the eighth session's H200 sweep, B = 8,
+# D = 2048, N = 16 fp32: 0.368 ms at L = 2K against the double-buffered kernel's 0.689 ms; 1.26 ms at 8K)
+DEFAULT_STAGES = 3
+
+
+def pipelined_blocks(n_state: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_L) of the pipelined forward for N states: 16 channels per single-warp program and twice the
+    double-buffered tile's steps (8 at N = 16), the fastest of the sweep's twelve pipelined launches; the tile
+    registers it no longer double-buffers pay for the larger tile."""
+    block_n = max(2, triton.next_power_of_2(n_state))
+    return 16, max(1, min(8, 128 // block_n))
+
+
+def _tiles(n_state: int, block_d: int | None, block_l: int | None,
+           pipelined: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_D, BLOCK_L) of a launch: N padded to a power of two, the others as given or
-    `default_blocks`."""
-    default_d, default_l = default_blocks(n_state)
+    `default_blocks` (`pipelined_blocks` for the pipelined forward)."""
+    default_d, default_l = pipelined_blocks(n_state) if pipelined else default_blocks(n_state)
     return max(2, triton.next_power_of_2(n_state)), block_d or default_d, block_l or default_l
 
 
@@ -429,17 +443,19 @@ def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
                           z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                           initial_state: Tensor | None = None, *, block_d: int | None = None,
                           block_l: int | None = None, num_warps: int = 1,
-                          maxnreg: int | None = MAX_REGISTERS, stages: int | None = None) -> tuple[Tensor, Tensor]:
+                          maxnreg: int | None = MAX_REGISTERS,
+                          stages: int | None = DEFAULT_STAGES) -> tuple[Tensor, Tensor]:
     """Forward only: (out (B, D, L) in u's dtype, last_state (B, D, N) float32). Inputs as in
     `reference.ssm.selective_scan` (already validated by the caller). `block_d` channels per program and
-    `block_l` steps per tile (powers of two; defaults: `default_blocks`), `num_warps` per program (1: the layout
-    the module docstring describes), `maxnreg` registers per thread (None: uncapped). `stages` (≥ 1) launches
-    `_selective_scan_fwd_pipelined` with that many pipeline stages instead of the register double buffering."""
+    `block_l` steps per tile (powers of two; defaults: `pipelined_blocks`, or `default_blocks` with
+    `stages=None`), `num_warps` per program (1: the layout the module docstring describes), `maxnreg` registers per
+    thread (None: uncapped). `stages` (≥ 1, default `DEFAULT_STAGES`) launches `_selective_scan_fwd_pipelined` with
+    that many pipeline stages; `stages=None` launches `_selective_scan_fwd`, the register double buffering."""
     if stages is not None and (isinstance(stages, bool) or not isinstance(stages, int) or stages < 1):
         raise ValueError(f"selective_scan_triton: stages must be an int >= 1 or None, got {stages!r}")
     batch, dim, length = u.shape
     n_state = A.shape[1]
-    block_n, block_d, block_l = _tiles(n_state, block_d, block_l)
+    block_n, block_d, block_l = _tiles(n_state, block_d, block_l, pipelined=stages is not None)
     u_c, delta_c = u.contiguous(), delta.contiguous()
     z_c = z.contiguous() if z is not None else u_c
     A_c = A.float().contiguous()

@@ -95,6 +95,15 @@ def time_fn(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, rep
     return times[len(times) // 2]
 
 
+def copy_bandwidth(device: torch.device, repeat: int) -> float:
+    """Device copy bandwidth in GB/s (read + write), `dst.copy_(src)` on 256 MiB of float32: the memory floor's
+    bandwidth, measured in the run whose rows it divides."""
+    src = torch.empty(2**26, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms = time_fn(lambda: dst.copy_(src), device, repeat=repeat)
+    return 2 * src.numel() * 4 / (ms / 1e3) / 1e9
+
+
 def format_table(rows: list[BenchRow]) -> str:
     headers = ["op", "impl", "params", "ms", "dispatch", "throughput", "floor", "note"]
     cells = [[r.op, r.impl, r.params, f"{r.ms:.3f}" if r.ms == r.ms else "—", r.dispatch, r.throughput,

@@ -4,10 +4,10 @@ Rows: the reference (a Python loop over time; run once, only where it is afforda
 branch in the `dispatch` column: cpu-compiled on CPU where a C compiler is found, else torch-chunked;
 mamba_ssm.cuda or triton on CUDA), on CPU the torch-chunked scan called directly and the same three timed
 forward + backward, and on CUDA our Triton kernel called directly and mamba-ssm's `selective_scan_fn` as a peer
-when it loads. Throughput is the achieved
-bandwidth over the memory floor's bytes (read u, delta, z, B, C; write out); `floor` is the floor time (bytes at
-the device's bandwidth) over the measured time. The note gives each row's speed-up over the reference, or its
-ratio to mamba-ssm.
+when it loads, and (CUDA) our kernel without z, the issue's floor case. Throughput is the achieved bandwidth
+over the memory floor's bytes (read u, delta, z, B, C; write out; without z, u, delta, B, C and out); `floor` is
+the floor time (those bytes at the device copy bandwidth measured in the same run, the "copy" row) over the
+measured time. The note gives each row's speed-up over the reference, or its ratio to mamba-ssm.
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ import torch
 
 import optimized.ssm as opt
 import reference.ssm as ref
-from training.benchmarks import BenchArgs, BenchRow, register, time_fn
+from training.benchmarks import BenchArgs, BenchRow, copy_bandwidth, register, time_fn
 
 OP = "scan"
-H100_BANDWIDTH_GBS = 3008.0  # measured device copy (read + write), ENVIRONMENT.md
 
 
 def _inputs(batch: int, dim: int, n_state: int, length: int, dtype: torch.dtype, device: torch.device,
@@ -41,23 +40,23 @@ def _inputs(batch: int, dim: int, n_state: int, length: int, dtype: torch.dtype,
             randn(batch, n_state, length), D, randn(batch, dim, length), delta_bias)
 
 
-def _floor_bytes(batch: int, dim: int, n_state: int, length: int, dtype: torch.dtype) -> int:
+def _floor_bytes(batch: int, dim: int, n_state: int, length: int, dtype: torch.dtype, gate: bool = True) -> int:
     size = torch.empty((), dtype=dtype).element_size()
-    return size * length * batch * (4 * dim + 2 * n_state)  # u, delta, z, out (B, D, L); B, C (B, N, L)
+    # u, delta, z, out (B, D, L); B, C (B, N, L)
+    return size * length * batch * ((4 if gate else 3) * dim + 2 * n_state)
 
 
 def _rows_at(args: BenchArgs, batch: int, dim: int, n_state: int, length: int, dtype: torch.dtype,
-             with_reference: bool, generator: torch.Generator) -> list[BenchRow]:
+             with_reference: bool, generator: torch.Generator, copy_gbps: float | None) -> list[BenchRow]:
     device = args.device
     u, delta, A, B, C, D, z, delta_bias = _inputs(batch, dim, n_state, length, dtype, device, generator)
     params = f"B={batch} D={dim} N={n_state} L={length} {str(dtype).removeprefix('torch.')}"
-    floor_bytes = _floor_bytes(batch, dim, n_state, length, dtype)
-    floor_ms = floor_bytes / (H100_BANDWIDTH_GBS * 1e6) if device.type == "cuda" else None
 
-    def row(impl: str, ms: float, dispatch: str, note: str = "") -> BenchRow:
-        return BenchRow(op=OP, impl=impl, params=params, ms=ms, dispatch=dispatch,
+    def row(impl: str, ms: float, dispatch: str, note: str = "", gate: bool = True) -> BenchRow:
+        floor_bytes = _floor_bytes(batch, dim, n_state, length, dtype, gate)
+        return BenchRow(op=OP, impl=impl, params=params + ("" if gate else " no z"), ms=ms, dispatch=dispatch,
                         throughput=f"{floor_bytes / (ms * 1e6):.1f} GB/s",
-                        floor_fraction=None if floor_ms is None else floor_ms / ms, note=note)
+                        floor_fraction=None if copy_gbps is None else floor_bytes / (copy_gbps * 1e6) / ms, note=note)
 
     rows: list[BenchRow] = []
     ref_ms: float | None = None
@@ -92,6 +91,10 @@ def _rows_at(args: BenchArgs, batch: int, dim: int, n_state: int, length: int, d
             note = (f"{ms / mamba_ms:.2f}x mamba_ssm time" if mamba_ms is not None
                     else f"mamba_ssm absent: {opt.mamba_ssm_unavailable_reason()}")
             rows.append(row("optimized:triton", ms, "triton", note))
+            ms = time_fn(lambda: selective_scan_triton(u, delta, A, B, C, D, None, delta_bias, True), device,
+                         repeat=args.repeat)
+            rows.append(row("optimized:triton", ms, "triton", "without the gate z (the issue's floor case)",
+                            gate=False))
     # forward + backward: on a CPU beside the reference; on CUDA once, at the shortest length in fp32 (the Triton
     # scan's backward recomputes with the torch chunked scan: this row says what that costs)
     if device.type == "cpu" or (with_reference and dtype == torch.float32):
@@ -171,9 +174,15 @@ def bench_scan(args: BenchArgs) -> list[BenchRow]:
     else:
         sizes, dtypes, reference_max = [(1, 256, 16, 512), (1, 256, 16, 2048)], [torch.float32], 2048
     rows: list[BenchRow] = []
+    copy_gbps = None
+    if args.device.type == "cuda":
+        copy_gbps = copy_bandwidth(args.device, args.repeat)
+        rows.append(BenchRow(op=OP, impl="peer:copy", params="256 MiB fp32", ms=2 * 2**28 / copy_gbps / 1e6,
+                             dispatch="dst.copy_(src)", throughput=f"{copy_gbps:.0f} GB/s", floor_fraction=1.0,
+                             note="the floors' bandwidth"))
     for dtype in dtypes:
         for batch, dim, n_state, length in sizes:
-            rows += _rows_at(args, batch, dim, n_state, length, dtype, length <= reference_max, generator)
+            rows += _rows_at(args, batch, dim, n_state, length, dtype, length <= reference_max, generator, copy_gbps)
     return rows
 
 
@@ -189,22 +198,23 @@ def _triton_out(inputs: tuple[torch.Tensor, ...], block_d: int, block_l: int, wa
 @register("scan_sweep")
 def bench_scan_sweep(args: BenchArgs) -> list[BenchRow]:
     """CUDA only: our Triton scan at B=8 D=2048 N=16 fp32 over its launch knobs (channels per program, steps per
-    tile, warps per program; and the software-pipelined variant's stages, `selective_scan_triton(stages=…)`), each
-    checked against the default configuration's output; the fastest three are then timed at L=8192. For choosing
-    `default_blocks` (and whether the pipelined variant should be the default) on a new GPU; no rows on CPU."""
+    tile, warps per program; and the software-pipelined kernel's stages, `selective_scan_triton(stages=…)`), each
+    checked against the double-buffered kernel's default launch; the fastest three are then timed at L=8192. For
+    choosing `pipelined_blocks`, `DEFAULT_STAGES` and `default_blocks` on a new GPU; no rows on CPU."""
     if args.device.type != "cuda":
         return []
-    from optimized.kernels.selective_scan import default_blocks
+    from optimized.kernels.selective_scan import DEFAULT_STAGES, default_blocks, pipelined_blocks
 
     generator = torch.Generator().manual_seed(0)
     rows: list[BenchRow] = []
     timed: list[tuple[float, int, int, int, int]] = []  # (ms, block_d, block_l, warps, stages; 0: double-buffered)
+    copy_gbps = copy_bandwidth(args.device, args.repeat)
     lengths = [256] if args.quick else [2048, 8192]
     for length in lengths:
         inputs = _inputs(8, 2048 if not args.quick else 64, 16, length, torch.float32, args.device, generator)
         floor_bytes = _floor_bytes(inputs[0].shape[0], inputs[0].shape[1], 16, length, torch.float32)
-        floor_ms = floor_bytes / (H100_BANDWIDTH_GBS * 1e6)
-        expected = _triton_out(inputs, *default_blocks(16), 1)
+        floor_ms = floor_bytes / (copy_gbps * 1e6)
+        expected = _triton_out(inputs, *default_blocks(16), 1)  # the double-buffered kernel's default launch
         pipelined = ([(8, 4, 1, 3), (8, 8, 1, 3)] if args.quick
                      else [(bd, bl, 1, st) for bd in (8, 16) for bl in (4, 8) for st in (2, 3, 4)])
         configs = ([(bd, bl, w, 0) for bd in (4, 8, 16) for bl in (2, 4, 8) for w in (1, 2)] + pipelined
@@ -222,8 +232,8 @@ def bench_scan_sweep(args: BenchArgs) -> list[BenchRow]:
                 continue
             if length == lengths[0]:
                 timed.append((ms, block_d, block_l, warps, stages))
-            default = (block_d, block_l) == default_blocks(16) and warps == 1 and not stages
+            default = (block_d, block_l, warps, stages) == (*pipelined_blocks(16), 1, DEFAULT_STAGES)
             rows.append(BenchRow(op="scan_sweep", impl="optimized:triton", ms=ms, dispatch="triton", params=params,
                                  throughput=f"{floor_bytes / (ms * 1e6):.1f} GB/s", floor_fraction=floor_ms / ms,
-                                 note=f"max |Δ| vs default {error:.1e}{'; the default' if default else ''}"))
+                                 note=f"max |Δ| vs double-buffered {error:.1e}{'; the default' if default else ''}"))
     return rows

@@ -17,7 +17,7 @@ import torch
 
 import optimized.vsa as opt
 import reference.vsa as ref
-from training.benchmarks import BenchArgs, BenchRow, register, time_fn
+from training.benchmarks import BenchArgs, BenchRow, copy_bandwidth, register, time_fn
 
 MIB = 2**20
 BYTES_PER_ELEMENT = 12  # fp32: read a, read b, write c
@@ -28,14 +28,6 @@ def _torchhd() -> Any | None:
         return importlib.import_module("torchhd")
     except ImportError:
         return None
-
-
-def copy_bandwidth(device: torch.device, repeat: int) -> float:
-    """Device copy bandwidth in GB/s (read + write) on 256 MiB."""
-    src = torch.empty(256 * MIB // 4, dtype=torch.float32, device=device).normal_()
-    dst = torch.empty_like(src)
-    ms = time_fn(lambda: dst.copy_(src), device, repeat=repeat)
-    return 2 * src.numel() * 4 / (ms / 1e3) / 1e9
 
 
 def _gbps(pairs: int, dim: int, ms: float) -> float:
