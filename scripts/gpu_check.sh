@@ -11,6 +11,8 @@
 #   STAGES=models MODELS=hamt MODEL_SEQ_LENS="1024 4096 16384" TOKENS_PER_STEP=16384 NO_REFERENCE=1 \
 #     bash scripts/gpu_check.sh                          # cost per token at equal work per step (batch N // L)
 #   STAGES="tests ops" bash scripts/gpu_check.sh         # some of the stages: tests ops models (default all three)
+#   STAGES=models MODELS=atlas_mag COMPILE=1 COMPILE_MODE=reduce-overhead bash scripts/gpu_check.sh  # compile rows
+#                                                        # too (COMPILE=1), replayed as CUDA graphs
 #   STAGES=emma bash scripts/gpu_check.sh                # EMMA's long-context recipe: optimized training to the end,
 #                                                        # then the reference on the same config for EMMA_REF_STEPS (1)
 #   STAGES=emma EMMA_IMPLS=reference EMMA_REF_TIMEOUT=560 bash scripts/gpu_check.sh  # the reference alone (one call)
@@ -95,7 +97,8 @@ for m in ${MODELS:-$(python3 -c "from training.registry import MODELS; print(' '
   # REF_LENS_<model>="256": where the reference loop is too slow to time at 2048 (per-token cost is flat in L)
   ref_var="REF_LENS_$m"; ref_lens=(); [ -n "${!ref_var:-}" ] && ref_lens=(--ref-seq-lens ${!ref_var})
   timeout "${GPU_MODEL_TIMEOUT:-150}" python3 scripts/bench.py --model "$m" --device cuda "${quick[@]}" \
-    $([ "${COMPILE:-0}" = "1" ] || echo --no-compile) "${seq_lens[@]}" "${ref_lens[@]}" ${NO_REFERENCE:+--no-reference} \
+    $([ "${COMPILE:-0}" = "1" ] || echo --no-compile) ${COMPILE_MODE:+--compile-mode $COMPILE_MODE} \
+    "${seq_lens[@]}" "${ref_lens[@]}" ${NO_REFERENCE:+--no-reference} \
     ${TOKENS_PER_STEP:+--tokens-per-step $TOKENS_PER_STEP} --repeat 3 \
     --json "$OUT/bench_model_$m.json" 2> >(tee -a "$OUT/bench_progress.log" >&2) | grep -v "^# memarch" \
     | tee -a "$OUT/bench_models.md" \
