@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["BenchArgs", "BenchRow", "discover", "format_table", "register", "time_fn"]
+__all__ = ["BenchArgs", "BenchRow", "copy_bandwidth", "copy_row", "discover", "format_table", "register", "time_fn"]
 
 
 PROGRESS = {"enabled": False}  # print each BenchRow to stderr when it is made (set by scripts/bench.py)
@@ -102,6 +102,14 @@ def copy_bandwidth(device: torch.device, repeat: int) -> float:
     dst = torch.empty_like(src)
     ms = time_fn(lambda: dst.copy_(src), device, repeat=repeat)
     return 2 * src.numel() * 4 / (ms / 1e3) / 1e9
+
+
+def copy_row(op: str, device: torch.device, repeat: int) -> tuple[BenchRow, float]:
+    """`copy_bandwidth` measured now, and the row that reports it (the floor of the op's rows that follow)."""
+    gbps = copy_bandwidth(device, repeat)
+    return BenchRow(op=op, impl="peer:copy", params="256 MiB fp32", ms=2 * 2**28 / gbps / 1e6,
+                    dispatch="dst.copy_(src)", throughput=f"{gbps:.0f} GB/s", floor_fraction=1.0,
+                    note="read + write; the floor for the rows below"), gbps
 
 
 def format_table(rows: list[BenchRow]) -> str:

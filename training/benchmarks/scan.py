@@ -23,7 +23,7 @@ import torch
 
 import optimized.ssm as opt
 import reference.ssm as ref
-from training.benchmarks import BenchArgs, BenchRow, copy_bandwidth, register, time_fn
+from training.benchmarks import BenchArgs, BenchRow, copy_bandwidth, copy_row, register, time_fn
 
 OP = "scan"
 
@@ -176,10 +176,8 @@ def bench_scan(args: BenchArgs) -> list[BenchRow]:
     rows: list[BenchRow] = []
     copy_gbps = None
     if args.device.type == "cuda":
-        copy_gbps = copy_bandwidth(args.device, args.repeat)
-        rows.append(BenchRow(op=OP, impl="peer:copy", params="256 MiB fp32", ms=2 * 2**28 / copy_gbps / 1e6,
-                             dispatch="dst.copy_(src)", throughput=f"{copy_gbps:.0f} GB/s", floor_fraction=1.0,
-                             note="the floors' bandwidth"))
+        row, copy_gbps = copy_row(OP, args.device, args.repeat)
+        rows.append(row)
     for dtype in dtypes:
         for batch, dim, n_state, length in sizes:
             rows += _rows_at(args, batch, dim, n_state, length, dtype, length <= reference_max, generator, copy_gbps)

@@ -17,7 +17,7 @@ import torch
 
 import optimized.vsa as opt
 import reference.vsa as ref
-from training.benchmarks import BenchArgs, BenchRow, copy_bandwidth, register, time_fn
+from training.benchmarks import BenchArgs, BenchRow, copy_row, register, time_fn
 
 MIB = 2**20
 BYTES_PER_ELEMENT = 12  # fp32: read a, read b, write c
@@ -70,10 +70,8 @@ def bench_cpu(op: str, args: BenchArgs) -> list[BenchRow]:
 
 def bench_gpu(op: str, args: BenchArgs) -> list[BenchRow]:
     device = args.device
-    copy_gbps = copy_bandwidth(device, args.repeat)
-    rows = [BenchRow(op=op, impl="peer:copy", params="256 MiB fp32", ms=2 * 256 * MIB / copy_gbps / 1e6,
-                     dispatch="dst.copy_(src)", throughput=f"{copy_gbps:.0f} GB/s", floor_fraction=1.0,
-                     note="read + write; the floor for the rows below")]
+    row, copy_gbps = copy_row(op, device, args.repeat)
+    rows = [row]
     for dim in (1024, 4096, 8192):
         rows.extend(_gpu_rows(op, dim, 16 if args.quick else 256, copy_gbps, args))
     return rows
