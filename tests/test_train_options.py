@@ -38,6 +38,12 @@ def test_the_episodic_section_is_typed_validated_and_dispatches(tmp_path: Path) 
     summary = train(exp, impl="optimized", device=CPU, out_dir=tmp_path, progress=False)
     assert summary["steps"] == 3
     assert "math_accuracy" in (tmp_path / "metrics.jsonl").read_text()  # the episodic trainer's metric
+    compiled = load_experiment({**MODULAR, "train": {**MODULAR["train"], "compile": "default"},
+                                "episodic": {"storage_batches": 2}})
+    with pytest.raises(ConfigError, match=r"train\.compile: default applies to the standard trainer"):
+        train(compiled, impl="optimized", device=CPU, out_dir=tmp_path / "compiled", progress=False)
+    with pytest.raises(ConfigError, match=r"train\.compile"):
+        load_experiment({**MODULAR, "train": {**MODULAR["train"], "compile": "fast"}})
 
 
 def test_stablemax_loss_is_selectable_and_trains(tmp_path: Path) -> None:

@@ -166,6 +166,8 @@ class TrainConfig:
     tbptt_length: int = 0  # > 0: truncated BPTT over segments of this many tokens (recurrent-state models)
     dtype: Literal["float32", "float64"] = "float32"  # parameter dtype (float64 for exactness checks)
     autocast: Literal["none", "bf16"] = "none"  # bf16 autocast for the forward pass (GPU mixed precision)
+    # torch.compile the training forward with this mode (reduce-overhead: replayed as CUDA graphs); none: eager
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
     loss: Literal["cross_entropy", "stablemax"] = "cross_entropy"  # StableMax: Prieto et al. 2025
     perp_grad: bool = False  # ⊥Grad: project gradients orthogonal to the weights before clipping
     perp_grad_min_dim: int = 2

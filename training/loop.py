@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -158,7 +158,8 @@ def segment_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, length: i
 
 
 def forward_backward(model: nn.Module, task: Task, exp: ExperimentConfig, step: int, device: torch.device,
-                     info: DistInfo = SINGLE) -> tuple[float, float, float, dict[str, float], bool]:
+                     info: DistInfo = SINGLE, forward: Callable[[torch.Tensor], Any] | None = None
+                     ) -> tuple[float, float, float, dict[str, float], bool]:
     """Accumulate gradients over `train.grad_accum_steps` micro-batches (batch indices step·k … step·k + k − 1),
     each split into truncated-BPTT segments when `train.tbptt_length` > 0.
 
@@ -166,7 +167,8 @@ def forward_backward(model: nn.Module, task: Task, exp: ExperimentConfig, step: 
     (its scored targets × world size / all scored targets), so the averaged gradient is the global-batch mean;
     gradient sync is skipped on all but the last micro-batch. Returns the global mean total loss, task loss and
     accuracy, the model's extra metrics (this rank, last segment), and whether any rank saw a non-finite loss
-    (then no rank back-propagates it).
+    (then no rank back-propagates it). `forward` (default: `model`) runs the whole-sequence forward pass: the
+    compiled model under `train.compile`; truncated-BPTT segments always call `model`.
     """
     tc = exp.train
     k = tc.grad_accum_steps
@@ -182,7 +184,7 @@ def forward_backward(model: nn.Module, task: Task, exp: ExperimentConfig, step: 
             if tc.tbptt_length > 0:
                 parts = segment_losses(model, x, y, tc.tbptt_length, tc.loss)
             else:
-                logits, aux0, extra0 = split_output(model(x))
+                logits, aux0, extra0 = split_output((model if forward is None else forward)(x))
                 loss0, acc0 = loss_and_accuracy(logits, y, tc.loss)
                 parts = iter([(loss0, acc0, aux0, extra0, 1.0)])
             for loss, acc, aux, extra, weight in parts:
@@ -304,6 +306,9 @@ def train(exp: ExperimentConfig, *, impl: str, device: torch.device, out_dir: st
     if exp.episodic is not None:
         if dist.enabled:
             raise ConfigError("episodic training runs in one process; launch it without torchrun")
+        if exp.train.compile != "none":
+            raise ConfigError(f"train.compile: {exp.train.compile} applies to the standard trainer; episodic "
+                              "training runs eager (set train.compile: none)")
         from training.episodic import train_episodic
 
         return train_episodic(exp, exp.episodic, impl=impl, device=device, out_dir=out_dir, max_steps=max_steps,
@@ -326,6 +331,11 @@ def train(exp: ExperimentConfig, *, impl: str, device: torch.device, out_dir: st
                               f"resume with the same config (saved: {state.get('config')})")
         load_model_weights(core, state, model_name_of(exp.model))
     model = wrap_model(core, dist, device)
+    # the training forward compiled (evaluation, TBPTT segments and checkpoints use `model` itself); graphs: mark
+    # each step's start, so the CUDA-graph replay may reuse the last step's (dead) outputs
+    forward = torch.compile(model, mode=None if tc.compile == "default" else tc.compile) \
+        if tc.compile != "none" else model
+    graphs = tc.compile == "reduce-overhead"
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
 
     def factor(step: int) -> float:
@@ -388,7 +398,9 @@ def train(exp: ExperimentConfig, *, impl: str, device: torch.device, out_dir: st
             if callable(on_step):  # schedules inside the model (gate floors, λ(t), mem_scale, …)
                 on_step(step, tc.steps)
             optimizer.zero_grad(set_to_none=True)
-            total, loss, acc, extra, bad = forward_backward(model, task, exp, step, device, dist)
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            total, loss, acc, extra, bad = forward_backward(model, task, exp, step, device, dist, forward)
             grad_norm = float("nan")
             if not bad:
                 if tc.perp_grad:
