@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["BenchArgs", "BenchRow", "copy_bandwidth", "copy_row", "discover", "format_table", "register", "time_fn"]
+__all__ = ["BenchArgs", "BenchRow", "copy_bandwidth", "copy_row", "discover", "format_table", "register", "sync_device",
+           "time_fn"]
 
 
 PROGRESS = {"enabled": False}  # print each BenchRow to stderr when it is made (set by scripts/bench.py)
@@ -75,7 +76,7 @@ def discover() -> dict[str, Bench]:
     return dict(sorted(_REGISTRY.items()))
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -84,12 +85,12 @@ def time_fn(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, rep
     """Median wall time of `fn()` in milliseconds (CUDA-synchronised on GPU)."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync_device(device)
     times = []
     for _ in range(max(1, repeat)):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync_device(device)
         times.append((time.perf_counter() - start) * 1e3)
     times.sort()
     return times[len(times) // 2]

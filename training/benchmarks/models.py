@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -53,13 +53,11 @@ def model_config(name: str, overrides: dict[str, Any] | None = None) -> Any:
 REFERENCE_WARMUP_LEN = 128  # the reference models' warm-up step length (see `time_training_step`)
 
 
-def time_training_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torch.device,
-                       amp: bool, compiled: bool, warmup: int, repeat: int, warmup_len: int | None = None,
-                       compile_mode: str | None = None) -> float:
-    """Median ms of one forward + backward + AdamW step of `model` on (x, y). With `warmup_len`, the warm-up steps
-    run on the first `warmup_len` positions only (they load the kernels and the allocator's pools; the reference
-    models' full-length steps take minutes, and a second one would only repeat the timed one). `compile_mode` is
-    `torch.compile`'s mode ("reduce-overhead": the compiled forward and backward replayed as CUDA graphs)."""
+def training_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torch.device, amp: bool,
+                  compiled: bool, compile_mode: str | None = None) -> Callable[..., None]:
+    """One forward + backward + AdamW step of `model` on (x, y) (or on the (x, y) it is called with) as a
+    closure. `compile_mode` is `torch.compile`'s mode ("reduce-overhead": the compiled forward and backward
+    replayed as CUDA graphs)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     fwd = torch.compile(model, mode=compile_mode) if compiled else model
     graphs = compiled and compile_mode == "reduce-overhead"
@@ -76,6 +74,16 @@ def time_training_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
         loss.backward()
         opt.step()
 
+    return step
+
+
+def time_training_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torch.device,
+                       amp: bool, compiled: bool, warmup: int, repeat: int, warmup_len: int | None = None,
+                       compile_mode: str | None = None) -> float:
+    """Median ms of one `training_step`. With `warmup_len`, the warm-up steps run on the first `warmup_len`
+    positions only (they load the kernels and the allocator's pools; the reference models' full-length steps take
+    minutes, and a second one would only repeat the timed one)."""
+    step = training_step(model, x, y, device=device, amp=amp, compiled=compiled, compile_mode=compile_mode)
     if warmup_len is not None and warmup_len < x.shape[1]:
         for _ in range(warmup):
             step(x[:, :warmup_len], y[:, :warmup_len])
