@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     y = torch.randint(0, BENCH_VOCAB, (args.batch_size, args.seq_len), device=device)
     if args.autocast and device.type != "cuda":
         parser.error("--autocast profiles bf16 autocast on CUDA; this device is " + device.type)
-    compile_mode = None if args.compile_mode == "default" else args.compile_mode
-    step = training_step(model, x, y, device=device, amp=args.autocast, compiled=args.compile or bool(compile_mode),
-                         compile_mode=compile_mode)
+    compile_mode = args.compile_mode
+    step = training_step(model, x, y, device=device, amp=args.autocast,
+                         compiled=args.compile or compile_mode is not None, compile_mode=compile_mode)
     for _ in range(3):  # warm up (and compile; CUDA graphs record on their second call)
         step()
     host, wall = host_and_wall_ms(step, device, repeat=5)
@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         ms = time_fn(step, device, warmup=0, repeat=1)
-    label = (f"compile[{compile_mode}]" if compile_mode else "compile" if args.compile else "eager") \
-        + ("+bf16" if args.autocast else "")
+    label = (f"compile[{compile_mode}]" if compile_mode not in (None, "default") else
+             "compile" if args.compile or compile_mode else "eager") + ("+bf16" if args.autocast else "")
     print(f"# {args.model} {args.impl} {label} B={args.batch_size} L={args.seq_len} on {device}: "
           f"{wall:.1f} ms per step ({ms:.1f} ms under the profiler)")
     # the host returns from a step once it has queued the step's kernels: a step whose host time is close to its

@@ -157,6 +157,13 @@ def segment_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, length: i
         yield loss, acc, aux, extra, int((ys != IGNORE_INDEX).sum()) / total
 
 
+def compile_model(model: nn.Module, mode: str) -> Callable[..., Any]:
+    """`model` itself for mode "none", else `torch.compile(model)` in that mode ("default": torch's default)."""
+    if mode == "none":
+        return model
+    return torch.compile(model, mode=None if mode == "default" else mode)
+
+
 def forward_backward(model: nn.Module, task: Task, exp: ExperimentConfig, step: int, device: torch.device,
                      info: DistInfo = SINGLE, forward: Callable[[torch.Tensor], Any] | None = None
                      ) -> tuple[float, float, float, dict[str, float], bool]:
@@ -333,8 +340,7 @@ def train(exp: ExperimentConfig, *, impl: str, device: torch.device, out_dir: st
     model = wrap_model(core, dist, device)
     # the training forward compiled (evaluation, TBPTT segments and checkpoints use `model` itself); graphs: mark
     # each step's start, so the CUDA-graph replay may reuse the last step's (dead) outputs
-    forward = torch.compile(model, mode=None if tc.compile == "default" else tc.compile) \
-        if tc.compile != "none" else model
+    forward = compile_model(model, tc.compile)
     graphs = tc.compile == "reduce-overhead"
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
 

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from training.benchmarks import BenchArgs, BenchRow, time_fn
-from training.loop import loss_and_accuracy, split_output
+from training.loop import compile_model, loss_and_accuracy, split_output
 from training.registry import MODELS, build_model, get_model_spec
 
 BENCH_VOCAB = 256
@@ -56,10 +56,10 @@ REFERENCE_WARMUP_LEN = 128  # the reference models' warm-up step length (see `ti
 def training_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torch.device, amp: bool,
                   compiled: bool, compile_mode: str | None = None) -> Callable[..., None]:
     """One forward + backward + AdamW step of `model` on (x, y) (or on the (x, y) it is called with) as a
-    closure. `compile_mode` is `torch.compile`'s mode ("reduce-overhead": the compiled forward and backward
-    replayed as CUDA graphs)."""
+    closure. `compile_mode` is `torch.compile`'s mode (None or "default": its default; "reduce-overhead": the
+    compiled forward and backward replayed as CUDA graphs)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    fwd = torch.compile(model, mode=compile_mode) if compiled else model
+    fwd = compile_model(model, compile_mode or "default") if compiled else model
     graphs = compiled and compile_mode == "reduce-overhead"
 
     def step(x: torch.Tensor = x, y: torch.Tensor = y) -> None:
@@ -114,9 +114,9 @@ def bench_model(name: str, args: BenchArgs, *, seq_lens: Sequence[int], batch_si
     for impl, compiled, amp, L in plan:
         torch.manual_seed(0)
         reference = impl == "reference"
-        compile_mode = args.extra.get("compile_mode") if args.extra.get("compile_mode") != "default" else None
-        dispatch = (("compile" + (f"[{compile_mode}]" if compile_mode else "")) if compiled else "eager") \
-            + ("+bf16" if amp else "")
+        compile_mode = args.extra.get("compile_mode")
+        dispatch = (("compile" + (f"[{compile_mode}]" if compile_mode not in (None, "default") else ""))
+                    if compiled else "eager") + ("+bf16" if amp else "")
         batch = max(1, tokens_per_step // L) if tokens_per_step else batch_size
         params = f"B={batch} L={L}"
         try:
