@@ -556,8 +556,9 @@ def compile_for_gpu(capability: int = 90, dtype: str = "bf16", *, options: bool 
     `matrix_mode` (SHARED, ONE_GROUP, PER_CHANNEL); no GPU needed (Triton's frontend, its passes and ptxas run on
     the CPU). This is the check `TRITON_INTERPRET=1` cannot make, so it must run in a process without that
     variable (the tests use a subprocess). With `backward`, `_selective_scan_bwd` instead (`matrix_mode` SHARED
-    or ONE_GROUP; the gradient buffers float32); with `stages`, `_selective_scan_fwd_pipelined`. Returns Triton's
-    compiled kernel."""
+    or ONE_GROUP; the gradient buffers float32); with `stages`, `_selective_scan_fwd_pipelined`. Per-step B and C
+    are taken as contiguous along L (their L stride specialised to 1, as a launch on such tensors is). Returns
+    Triton's compiled kernel."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -569,6 +570,8 @@ def compile_for_gpu(capability: int = 90, dtype: str = "bf16", *, options: bool 
                   "BLOCK_L": block_l}
     if stages is not None and not backward:
         constexprs["STAGES"] = stages
+    if matrix_mode != SHARED:  # B and C contiguous along L, as Triton specialises a launch's stride of 1
+        constexprs.update({"sB_l": 1, "sC_l": 1})
     io = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "dout_ptr"}  # input dtype; the rest fp32
     signature = {name: "constexpr" if name in constexprs else (f"*{dtype}" if name in io else "*fp32")
                  if name.endswith("_ptr") else "i32" for name in names}
