@@ -421,6 +421,23 @@ KERNEL_CASES = [
 ]
 
 
+def assert_kernel_case_matches_reference(kc: KernelCase, stages: int | None, seed: int) -> None:
+    """`selective_scan_triton` with `stages` on one kernel case (values, float32 tolerance) against the reference."""
+    from optimized.kernels.selective_scan import selective_scan_triton
+
+    case = Case(batch=2, dim=kc.dim, n_state=kc.n_state, length=kc.length, b_layout=kc.layout, c_layout=kc.layout,
+                groups=kc.groups, has_D=kc.has_D, has_z=kc.has_z, has_bias=kc.has_bias, softplus=kc.has_bias,
+                last_state=True, has_h0=kc.has_h0, seed=seed)
+
+    def kernel(*args: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        u, delta, A, B, C, D, z, bias, h0 = args
+        assert u is not None and delta is not None and A is not None and B is not None and C is not None
+        return selective_scan_triton(u, delta, A, B, C, D, z, bias, case.softplus, h0, block_d=kc.block_d,
+                                     block_l=kc.block_l, stages=stages)
+
+    assert_equivalent(_as_fn(ref, case), kernel, _inputs(case), dtype=torch.float32, model=True, grad=False)
+
+
 @needs_interpreter
 @pytest.mark.parametrize("kc", KERNEL_CASES, ids=lambda kc: f"D{kc.dim}-N{kc.n_state}-L{kc.length}-{kc.layout}"
                          f"{kc.groups}-bd{kc.block_d}-bl{kc.block_l}")
@@ -429,19 +446,7 @@ def test_triton_kernel_covers_lengths_states_layouts_and_options(kc: KernelCase)
     # iteration scans, N padded, all three B/C layouts (grouped read both as one group per program and gathered per
     # channel), D, z, delta_bias, softplus and h0 each on and off in some case; its default blocks where
     # block_d/block_l are None
-    from optimized.kernels.selective_scan import selective_scan_triton
-
-    case = Case(batch=2, dim=kc.dim, n_state=kc.n_state, length=kc.length, b_layout=kc.layout, c_layout=kc.layout,
-                groups=kc.groups, has_D=kc.has_D, has_z=kc.has_z, has_bias=kc.has_bias, softplus=kc.has_bias,
-                last_state=True, has_h0=kc.has_h0, seed=kc.length + kc.dim)
-
-    def kernel(*args: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        u, delta, A, B, C, D, z, bias, h0 = args
-        assert u is not None and delta is not None and A is not None and B is not None and C is not None
-        return selective_scan_triton(u, delta, A, B, C, D, z, bias, case.softplus, h0, block_d=kc.block_d,
-                                     block_l=kc.block_l, stages=None)
-
-    assert_equivalent(_as_fn(ref, case), kernel, _inputs(case), dtype=torch.float32, model=True, grad=False)
+    assert_kernel_case_matches_reference(kc, None, seed=kc.length + kc.dim)
 
 
 @needs_interpreter
@@ -452,19 +457,7 @@ def test_pipelined_triton_kernel_matches_reference_in_the_interpreter(kc: Kernel
     """`selective_scan_triton(..., stages=S)` (the software-pipelined kernel, the default with S = 3): the same
     cases as the double-buffered kernel's — L = 1, ragged lengths, padded N, the three layouts, options on and off;
     its own default blocks (16 channels, 8 steps at N = 16) where block_d/block_l are None."""
-    from optimized.kernels.selective_scan import selective_scan_triton
-
-    case = Case(batch=2, dim=kc.dim, n_state=kc.n_state, length=kc.length, b_layout=kc.layout, c_layout=kc.layout,
-                groups=kc.groups, has_D=kc.has_D, has_z=kc.has_z, has_bias=kc.has_bias, softplus=kc.has_bias,
-                last_state=True, has_h0=kc.has_h0, seed=kc.length + kc.dim + stages)
-
-    def kernel(*args: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        u, delta, A, B, C, D, z, bias, h0 = args
-        assert u is not None and delta is not None and A is not None and B is not None and C is not None
-        return selective_scan_triton(u, delta, A, B, C, D, z, bias, case.softplus, h0, block_d=kc.block_d,
-                                     block_l=kc.block_l, stages=stages)
-
-    assert_equivalent(_as_fn(ref, case), kernel, _inputs(case), dtype=torch.float32, model=True, grad=False)
+    assert_kernel_case_matches_reference(kc, stages, seed=kc.length + kc.dim + stages)
 
 
 @pytest.mark.parametrize("stages", [0, -1, 2.0, True])
