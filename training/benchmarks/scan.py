@@ -2,12 +2,12 @@
 
 Rows: the reference (a Python loop over time; run once, only where it is affordable), the optimized scan (its
 branch in the `dispatch` column: cpu-compiled on CPU where a C compiler is found, else torch-chunked;
-mamba_ssm.cuda or triton on CUDA), on CPU the torch-chunked scan called directly and the same three timed
-forward + backward, and on CUDA our Triton kernel called directly and mamba-ssm's `selective_scan_fn` as a peer
-when it loads, and (CUDA) our kernel without z, the issue's floor case. Throughput is the achieved bandwidth
-over the memory floor's bytes (read u, delta, z, B, C; write out; without z, u, delta, B, C and out); `floor` is
-the floor time (those bytes at the device copy bandwidth measured in the same run, the "copy" row) over the
-measured time. The note gives each row's speed-up over the reference, or its ratio to mamba-ssm.
+mamba_ssm.cuda or triton on CUDA), on CPU the torch-chunked scan called directly and the same three timed forward
++ backward, and on CUDA our Triton kernel called directly and mamba-ssm's `selective_scan_fn` as a peer when it
+loads, and (CUDA) our kernel and mamba-ssm's without z, the issue's floor case. Throughput is the achieved
+bandwidth over the memory floor's bytes (read u, delta, z, B, C; write out; without z, u, delta, B, C and out);
+`floor` is the floor time (those bytes at the device copy bandwidth measured in the same run, the "copy" row) over
+the measured time. The note gives each row's speed-up over the reference, or its ratio to mamba-ssm.
 """
 
 from __future__ import annotations
@@ -91,10 +91,16 @@ def _rows_at(args: BenchArgs, batch: int, dim: int, n_state: int, length: int, d
             note = (f"{ms / mamba_ms:.2f}x mamba_ssm time" if mamba_ms is not None
                     else f"mamba_ssm absent: {opt.mamba_ssm_unavailable_reason()}")
             rows.append(row("optimized:triton", ms, "triton", note))
+            mamba_plain_ms = None
+            if mamba_fn is not None:
+                mamba_plain_ms = time_fn(lambda: mamba_fn(u, delta, A, B, C, D, None, delta_bias, True), device,
+                                         repeat=args.repeat)
+                rows.append(row("peer:mamba_ssm", mamba_plain_ms, "mamba_ssm.cuda", "without z", gate=False))
             ms = time_fn(lambda: selective_scan_triton(u, delta, A, B, C, D, None, delta_bias, True), device,
                          repeat=args.repeat)
-            rows.append(row("optimized:triton", ms, "triton", "without the gate z (the issue's floor case)",
-                            gate=False))
+            note = "without the gate z (the issue's floor case)" + (
+                f"; {ms / mamba_plain_ms:.2f}x mamba_ssm time" if mamba_plain_ms is not None else "")
+            rows.append(row("optimized:triton", ms, "triton", note, gate=False))
     # forward + backward: on a CPU beside the reference; on CUDA once, at the shortest length in fp32 (the Triton
     # scan's backward recomputes with the torch chunked scan: this row says what that costs)
     if device.type == "cpu" or (with_reference and dtype == torch.float32):
