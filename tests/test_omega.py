@@ -379,6 +379,25 @@ def test_cuda_kernel_matches_reference_with_interior_blocks(dtype: torch.dtype, 
                       (q, k, gate, M, n), dtype=dtype, device="cuda")
 
 
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_forward_refuses_key_blocks_below_64(dtype: torch.dtype,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Half-precision forward launches with block_n < 64 gave wrong outputs on the H200 (specs/atlas_mag.md): the
+    launcher refuses them with the reason and the fix, before any kernel runs; float32 and the dk kernel keep them."""
+    import optimized.kernels.omega as kernel
+
+    monkeypatch.setattr(kernel, "triton_interpreting", lambda: True)
+    kernel._check_blocks(64, 32, dtype)  # the interpreter has no such fault: its half-precision tests use them
+    monkeypatch.setattr(kernel, "triton_interpreting", lambda: False)
+    with pytest.raises(ValueError, match=r"block_n=32 .* refused.*block_n >= 64"):
+        kernel._check_blocks(64, 32, dtype)
+    kernel._check_blocks(64, 64, dtype)
+    kernel._check_blocks(64, 32, torch.float32)
+    kernel._check_blocks(64, 32)  # the dk kernel's check
+    assert all(kernel._default_blocks(dh, length, dtype)[1] >= 64 for dh in (16, 64, 128, 256) for length in (8, 4096))
+
+
 @pytest.mark.gpu
 def test_omega_sweep_benchmark_on_cuda_times_flex_the_default_and_every_launch() -> None:
     from training.benchmarks import BenchArgs, discover
@@ -387,7 +406,7 @@ def test_omega_sweep_benchmark_on_cuda_times_flex_the_default_and_every_launch()
     assert [row.impl for row in rows[:2]] == ["peer:flex-swa", "optimized (default launch)"]
     assert rows[1].ms > 0 and "flex SWA" in rows[1].note
     launches = rows[2:6]
-    assert len(launches) == 4 and all(  # --quick: block_m 64, block_n 32/64, 4 warps, 2/3 stages
+    assert len(launches) == 4 and all(  # --quick: block_m 64/128, block_n 64, 4 warps, 2/3 stages
         row.impl == "optimized:triton" for row in launches)
     backward = rows[6:]  # the default backward, then its 2 quick dk launches, checked against it
     assert [row.impl for row in backward] == ["optimized backward (default launch)"] + ["optimized:triton-bwd"] * 2
@@ -398,7 +417,8 @@ def test_omega_sweep_benchmark_on_cuda_times_flex_the_default_and_every_launch()
     assert all(row.note.startswith("failed:") for row in launches if not row.ms > 0)
     # every launch computes the same function: within the bf16 tolerance the kernel meets against float64 (1e-2).
     # The sixth session's full H200 sweep at L=32K saw block_n=32 launches off by up to 0.12 (and stage-dependent)
-    # while every block_n ≥ 64 launch agreed within 1.2e-3; this fails if the quick grid's block_n=32 ones do too.
+    # while every block_n ≥ 64 launch agreed within 1.2e-3; the tenth's quick grid saw 0.054 at block_n=32, so
+    # such launches are now refused (test_half_precision_forward_refuses_key_blocks_below_64)
     deviations = {row.params: float(row.note.rsplit(" ", 1)[1]) for row in timed}
     assert all(dev <= 1e-2 for dev in deviations.values()), deviations
 

@@ -672,21 +672,19 @@ def test_cuda_triton_backward_kernel_matches_reference_gradients(dtype: torch.dt
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("force_triton", [False, True])
-def test_cuda_scan_matches_reference(dtype: torch.dtype, force_triton: bool) -> None:
-    from optimized.kernels.selective_scan import selective_scan_triton_autograd
-
+@pytest.mark.parametrize("kernels_off", [False, True])
+def test_cuda_scan_matches_reference(dtype: torch.dtype, kernels_off: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default CUDA branch (our Triton kernel) and, with it switched off, mamba-ssm's kernel where it loads
+    (else the torch chunked scan), forward and gradients."""
+    if kernels_off:
+        monkeypatch.setenv("MEMARCH_DISABLE_KERNELS", "scan")
     case = Case(batch=2, dim=8, n_state=16, length=300, b_layout="per_step", c_layout="per_step", groups=1,
                 has_D=True, has_z=True, has_bias=True, softplus=True, last_state=False, has_h0=False, seed=0)
-
-    def triton_fn(*args: torch.Tensor | None) -> torch.Tensor:
-        u, delta, A, B, C, D, z, bias, _ = args
-        assert u is not None and delta is not None and A is not None and B is not None and C is not None
-        return selective_scan_triton_autograd(u, delta, A, B, C, D, z, bias, True, None)[0]
-
-    fn = triton_fn if force_triton else _as_fn(opt, case)
-    print(f"dispatch: {'triton (forced)' if force_triton else opt.scan_dispatch(torch.zeros(1, device='cuda'))}")
-    assert_equivalent(_as_fn(ref, case), fn, _inputs(case), dtype=dtype, model=True, device="cuda")
+    branch = opt.scan_dispatch(torch.zeros(1, device="cuda"))
+    assert branch == ("triton" if not kernels_off else
+                      "mamba_ssm.cuda" if opt.mamba_ssm_unavailable_reason() == "" else "torch-chunked")
+    print(f"dispatch: {branch}")
+    assert_equivalent(_as_fn(ref, case), _as_fn(opt, case), _inputs(case), dtype=dtype, model=True, device="cuda")
 
 
 @pytest.mark.gpu
@@ -842,6 +840,7 @@ def test_scan_benchmark_on_cuda_reports_the_kernel_the_peer_and_training_rows() 
     assert all(row.floor_fraction is not None and row.floor_fraction > 0 for row in rows if row.impl != "reference"
                and "fwd+bwd" not in row.impl)
     assert any(row.impl == "optimized:triton" and row.params.endswith(" no z") for row in rows)
+    assert any(row.impl == "optimized:triton" and row.note.startswith("synchronised") for row in rows)
     # our Triton forward and backward kernels get their own row, whichever branch the default takes
     triton_rows = [row for row in rows if row.impl == "optimized:triton fwd+bwd (Triton backward)"]
     assert triton_rows and all(row.ms > 0 and "default fwd+bwd" in row.note for row in triton_rows)

@@ -60,6 +60,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from optimized.kernels import triton_interpreting
+
 __all__ = ["MAX_HEAD_DIM", "compile_for_gpu", "kernel_supports", "omega_triton", "omega_triton_autograd",
            "omega_triton_backward"]
 
@@ -259,20 +261,27 @@ def _default_blocks(head_dim: int, length: int, dtype: torch.dtype) -> tuple[int
     if dtype == torch.float32:  # IEEE float32 dots run on FMA units and hold more registers: smaller tiles
         return 64, 32, 8, 2
     if length <= 64:
-        return 64, 32, 4, 2
+        return 64, 64, 4, 2
     # half inputs, Dh ≤ 128: (64, 64, 4 warps, 3 stages) from the H200 sweep (`bench.py --op omega_sweep`, B=1 H=16
     # L=32K Dh=64 c=1024 bf16): 0.74 ms against 0.98 ms for the previous (128, 64, 8, 2) and 0.52 ms for
     # flex-attention's sliding window in the same call; its output within 8.1e-4 · max|y| of the previous default's.
     # In that sweep 5 of the 8 bf16 launches with BLOCK_N = 32 differed from the rest by 4e-3 to 0.12 · max|y| and
     # changed with num_stages alone (unexplained; the Triton interpreter cannot run bf16 to check the logic, and
-    # float32 with BLOCK_N = 32 meets 1e-5 on the GPU), so no half-precision long-sequence default uses it
-    return (64, 64, 4, 3) if head_dim <= 128 else (64, 32, 8, 2)
+    # float32 with BLOCK_N = 32 meets 1e-5 on the GPU); the tenth session's quick sweep (L=4K) saw it again (0.054),
+    # so half-precision launches with BLOCK_N < 64 are refused (`_check_blocks`)
+    return (64, 64, 4, 3) if head_dim <= 128 else (64, 64, 8, 2)
 
 
-def _check_blocks(bm: int, bn: int) -> None:
+def _check_blocks(bm: int, bn: int, dtype: torch.dtype | None = None) -> None:
+    """Valid tiles; `dtype` (the forward kernel's inputs) also refuses half-precision BLOCK_N < 64 compiled for a GPU
+    (the interpreter runs them correctly, and the half-precision interpreter tests use them)."""
     if bm < 16 or bn < 16 or bm & (bm - 1) or bn & (bn - 1) or bm % bn:
         raise ValueError(f"omega_triton: block_m and block_n must be powers of two >= 16 with block_m a multiple "
                          f"of block_n, got {bm}, {bn}")
+    if dtype is not None and dtype != torch.float32 and bn < 64 and not triton_interpreting():
+        raise ValueError(f"omega_triton: block_n={bn} with {dtype} inputs is refused: on an H200 (Triton 3.6) such "
+                         f"launches returned outputs off by up to 0.12 · max|y|, changing with num_stages (see "
+                         f"specs/atlas_mag.md, the Triton kernel); use block_n >= 64, or float32 inputs")
 
 
 def _launch_rows(q: Tensor, k: Tensor, gate: Tensor, window: int, decay_base: float, M_persistent: Tensor | None,
@@ -282,7 +291,7 @@ def _launch_rows(q: Tensor, k: Tensor, gate: Tensor, window: int, decay_base: fl
     dq = M_pᵀ dnum + Σ w (k·dnum) k with q := dnum, `transpose_M` and no division."""
     B, H, length, Dh = q.shape
     bm, bn, warps, stages = blocks
-    _check_blocks(bm, bn)
+    _check_blocks(bm, bn, q.dtype)
     q_c = q if q.stride(-1) == 1 else q.contiguous()
     k_c = k if k.stride(-1) == 1 else k.contiguous()
     has_p = M_persistent is not None and norm_persistent is not None
@@ -372,7 +381,7 @@ def omega_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, gate: Tensor, 
                              f"stages), got {dk_blocks!r}")
         bm, bn = dk_blocks[:2]
         warps, stages = dk_blocks[2:] or (warps, stages)
-    _check_blocks(bm, bn)
+    _check_blocks(bm, bn)  # the dk kernel's half-precision BLOCK_N = 32 launches agree with the rest
     q_c = q if q.stride(-1) == 1 else q.contiguous()
     k_c = k if k.stride(-1) == 1 else k.contiguous()
     _omega_bwd_dk[(triton.cdiv(length, bm), B * H)](

@@ -81,11 +81,28 @@ def sync_device(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, repeat: int = 10) -> float:
-    """Median wall time of `fn()` in milliseconds (CUDA-synchronised on GPU)."""
+def time_fn(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, repeat: int = 10,
+            streamed: bool = False) -> float:
+    """Median wall time of `fn()` in milliseconds (CUDA-synchronised on GPU after each call).
+
+    `streamed` (CUDA): the calls are issued back to back, as a training loop issues them, and timed by CUDA events
+    in 5 rounds of `repeat` calls (the median round's mean): the host's Python work for one call overlaps the
+    device's work on the previous one, so a kernel's row measures the device, not its launcher, wherever the device
+    takes longer than the host."""
     for _ in range(warmup):
         fn()
     sync_device(device)
+    if streamed and device.type == "cuda":
+        rounds = []
+        for _ in range(5):
+            first, last = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            first.record()
+            for _ in range(max(1, repeat)):
+                fn()
+            last.record()
+            last.synchronize()
+            rounds.append(first.elapsed_time(last) / max(1, repeat))
+        return sorted(rounds)[2]
     times = []
     for _ in range(max(1, repeat)):
         start = time.perf_counter()
@@ -96,18 +113,18 @@ def time_fn(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, rep
     return times[len(times) // 2]
 
 
-def copy_bandwidth(device: torch.device, repeat: int) -> float:
+def copy_bandwidth(device: torch.device, repeat: int, streamed: bool = False) -> float:
     """Device copy bandwidth in GB/s (read + write), `dst.copy_(src)` on 256 MiB of float32: the memory floor's
-    bandwidth, measured in the run whose rows it divides."""
+    bandwidth, measured in the run whose rows it divides (timed as they are: `time_fn`'s `streamed`)."""
     src = torch.empty(2**26, dtype=torch.float32, device=device).normal_()
     dst = torch.empty_like(src)
-    ms = time_fn(lambda: dst.copy_(src), device, repeat=repeat)
+    ms = time_fn(lambda: dst.copy_(src), device, repeat=repeat, streamed=streamed)
     return 2 * src.numel() * 4 / (ms / 1e3) / 1e9
 
 
-def copy_row(op: str, device: torch.device, repeat: int) -> tuple[BenchRow, float]:
+def copy_row(op: str, device: torch.device, repeat: int, streamed: bool = False) -> tuple[BenchRow, float]:
     """`copy_bandwidth` measured now, and the row that reports it (the floor of the op's rows that follow)."""
-    gbps = copy_bandwidth(device, repeat)
+    gbps = copy_bandwidth(device, repeat, streamed)
     return BenchRow(op=op, impl="peer:copy", params="256 MiB fp32", ms=2 * 2**28 / gbps / 1e6,
                     dispatch="dst.copy_(src)", throughput=f"{gbps:.0f} GB/s", floor_fraction=1.0,
                     note="read + write; the floor for the rows below"), gbps

@@ -7,7 +7,10 @@ mamba_ssm.cuda or triton on CUDA), on CPU the torch-chunked scan called directly
 loads, and (CUDA) our kernel and mamba-ssm's without z, the issue's floor case. Throughput is the achieved
 bandwidth over the memory floor's bytes (read u, delta, z, B, C; write out; without z, u, delta, B, C and out);
 `floor` is the floor time (those bytes at the device copy bandwidth measured in the same run, the "copy" row) over
-the measured time. The note gives each row's speed-up over the reference, or its ratio to mamba-ssm.
+the measured time. The note gives each row's speed-up over the reference, or its ratio to mamba-ssm. On CUDA
+every timed row (the copy too) is `time_fn(streamed=True)`: calls issued back to back and timed by CUDA events,
+so a row is the device's time per call, not the Python launcher's; our kernel's row is also timed synchronised
+after each call (the launcher's cost shows as the difference).
 """
 
 from __future__ import annotations
@@ -69,12 +72,12 @@ def _rows_at(args: BenchArgs, batch: int, dim: int, n_state: int, length: int, d
             ref_ms = (time.perf_counter() - start) * 1e3
             rows.append(row("reference", ref_ms, "python-loop", "run once"))
         ms = time_fn(lambda: opt.selective_scan(u, delta, A, B, C, D, z, delta_bias, True), device,
-                     repeat=args.repeat)
+                     repeat=args.repeat, streamed=True)
         note = f"{ref_ms / ms:.1f}x reference" if ref_ms is not None else ""
         rows.append(row("optimized", ms, opt.scan_dispatch(u), note))
         if device.type == "cpu" and opt.scan_dispatch(u) != "torch-chunked":
             ms = time_fn(lambda: opt.chunked_scan(u, delta, A, B, C, D, z, delta_bias, True, None), device,
-                         repeat=args.repeat)
+                         repeat=args.repeat, streamed=True)
             note = f"{ref_ms / ms:.1f}x reference" if ref_ms is not None else ""
             rows.append(row("optimized:torch-chunked", ms, "torch-chunked", note))
         if device.type == "cuda":
@@ -82,22 +85,25 @@ def _rows_at(args: BenchArgs, batch: int, dim: int, n_state: int, length: int, d
             mamba_ms = None
             if mamba_fn is not None:
                 mamba_ms = time_fn(lambda: mamba_fn(u, delta, A, B, C, D, z, delta_bias, True), device,
-                                   repeat=args.repeat)
+                                   repeat=args.repeat, streamed=True)
                 rows.append(row("peer:mamba_ssm", mamba_ms, "mamba_ssm.cuda"))
             from optimized.kernels.selective_scan import selective_scan_triton
 
             ms = time_fn(lambda: selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, True), device,
-                         repeat=args.repeat)
+                         repeat=args.repeat, streamed=True)
             note = (f"{ms / mamba_ms:.2f}x mamba_ssm time" if mamba_ms is not None
                     else f"mamba_ssm absent: {opt.mamba_ssm_unavailable_reason()}")
             rows.append(row("optimized:triton", ms, "triton", note))
+            synced = time_fn(lambda: selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, True), device,
+                             repeat=args.repeat)
+            rows.append(row("optimized:triton", synced, "triton", "synchronised after each call (launcher included)"))
             mamba_plain_ms = None
             if mamba_fn is not None:
                 mamba_plain_ms = time_fn(lambda: mamba_fn(u, delta, A, B, C, D, None, delta_bias, True), device,
-                                         repeat=args.repeat)
+                                         repeat=args.repeat, streamed=True)
                 rows.append(row("peer:mamba_ssm", mamba_plain_ms, "mamba_ssm.cuda", "without z", gate=False))
             ms = time_fn(lambda: selective_scan_triton(u, delta, A, B, C, D, None, delta_bias, True), device,
-                         repeat=args.repeat)
+                         repeat=args.repeat, streamed=True)
             note = "without the gate z (the issue's floor case)" + (
                 f"; {ms / mamba_plain_ms:.2f}x mamba_ssm time" if mamba_plain_ms is not None else "")
             rows.append(row("optimized:triton", ms, "triton", note, gate=False))
@@ -147,7 +153,7 @@ def _training_rows(args: BenchArgs, params: str, inputs: tuple[torch.Tensor, ...
     if timed[0][2] != "torch-chunked":
         timed.append(("optimized:torch-chunked fwd+bwd", chunked, "torch-chunked"))
     for impl, fn, dispatch in timed:
-        ms = time_fn(step(fn), args.device, repeat=args.repeat)
+        ms = time_fn(step(fn), args.device, repeat=args.repeat, streamed=True)
         rows.append(BenchRow(op=OP, impl=impl, params=params, ms=ms, dispatch=dispatch,
                              note=f"{ref_ms / ms:.1f}x reference" if ref_ms is not None else ""))
     from optimized.kernels import kernel_available
@@ -162,7 +168,7 @@ def _training_rows(args: BenchArgs, params: str, inputs: tuple[torch.Tensor, ...
             return selective_scan_triton_autograd(u, delta, A, B, C, D, z, bias, True, None)[0]
 
         with mock.patch.dict(os.environ, {"MEMARCH_SCAN_BACKWARD": "triton"}):
-            ms = time_fn(step(triton_both), args.device, repeat=args.repeat)
+            ms = time_fn(step(triton_both), args.device, repeat=args.repeat, streamed=True)
         default_ms = rows[-len(timed)].ms
         rows.append(BenchRow(op=OP, impl="optimized:triton fwd+bwd (Triton backward)", params=params, ms=ms,
                              dispatch="triton", note=f"{default_ms / ms:.2f}x the default fwd+bwd's speed"))
@@ -182,7 +188,7 @@ def bench_scan(args: BenchArgs) -> list[BenchRow]:
     rows: list[BenchRow] = []
     copy_gbps = None
     if args.device.type == "cuda":
-        row, copy_gbps = copy_row(OP, args.device, args.repeat)
+        row, copy_gbps = copy_row(OP, args.device, args.repeat, streamed=True)
         rows.append(row)
     for dtype in dtypes:
         for batch, dim, n_state, length in sizes:
@@ -212,7 +218,7 @@ def bench_scan_sweep(args: BenchArgs) -> list[BenchRow]:
     generator = torch.Generator().manual_seed(0)
     rows: list[BenchRow] = []
     timed: list[tuple[float, int, int, int, int]] = []  # (ms, block_d, block_l, warps, stages; 0: double-buffered)
-    copy_gbps = copy_bandwidth(args.device, args.repeat)
+    copy_gbps = copy_bandwidth(args.device, args.repeat, streamed=True)
     lengths = [256] if args.quick else [2048, 8192]
     for length in lengths:
         inputs = _inputs(8, 2048 if not args.quick else 64, 16, length, torch.float32, args.device, generator)
@@ -229,7 +235,7 @@ def bench_scan_sweep(args: BenchArgs) -> list[BenchRow]:
                 f" stages={stages} (pipelined)" if stages else "")
             try:
                 error = (call() - expected).abs().max().item()
-                ms = time_fn(call, args.device, repeat=args.repeat)
+                ms = time_fn(call, args.device, repeat=args.repeat, streamed=True)
             except Exception as failure:  # a configuration that does not compile or run: reported, not fatal
                 rows.append(BenchRow(op="scan_sweep", impl="optimized:triton", ms=float("nan"), params=params,
                                      dispatch="triton", note=f"failed: {type(failure).__name__}: {failure}"[:200]))
