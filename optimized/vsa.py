@@ -5,11 +5,12 @@ conjugate spectrum, inverses and unitary projection act on the rfft spectrum, an
 sequence at once: one rfft of all keys, values and queries, the decayed cumulative sum of the bound spectra in
 chunks (a masked (C, C) product-of-decays matrix per chunk, one state carried across chunks), one irfft of all
 reads. Spectra are computed from the operands' own shapes before broadcasting, so binding many keys against
-many values (e.g. `bind(keys[:, None], values[None])`) transforms each operand once.
+many values (e.g. `bind(keys[:, None], values[None])`) transforms each operand once. On CUDA, float32 operands of
+one shape with D a power of two from 512 to 8192 take a fused kernel instead (`optimized/kernels/hrr_bind.cu`:
+one read of each operand, one write; specs/vsa.md).
 
 `identity`, `involution`, `cosine`, `decay`, `rms_normalize`, the generators and the capacity bounds are
-re-exported from the reference unchanged (already vectorised, no loop). `bind_dispatch` names the path taken
-(there is no fused Triton kernel yet: circular mode is torch.fft on every device).
+re-exported from the reference unchanged (already vectorised, no loop). `bind_dispatch` names the path taken.
 
 Tolerances against the float64 reference (tests/tolerances.py): float64 1e-10, float32 1e-5 relative, bfloat16
 1e-2. Under float16/bfloat16 inputs the transforms and scans run in float32 and results are cast back.
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from optimized.kernels.hrr_bind import fused_bind, fused_bind_supported
 from reference import vsa as ref
 from reference.validation import ShapeError, check_finite_all, check_floating, check_positive
 from reference.vsa import (
@@ -65,12 +67,24 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def bind_dispatch(a: Tensor, b: Tensor, mode: str = "circular") -> str:
-    """The code path `bind`/`unbind` take for these operands: "elementwise" or "torch.fft"."""
-    return "elementwise" if mode == "elementwise" else "torch.fft"
+    """The code path `bind`/`unbind` take for these operands: "elementwise", "cuda-fused" (CUDA float32 operands
+    of one shape with D a power of two from 512 to 8192, where the kernel builds: `optimized.kernels.hrr_bind`)
+    or "torch.fft"."""
+    if mode == "elementwise":
+        return "elementwise"
+    return "cuda-fused" if a.is_cuda and fused_bind_supported(a, b) else "torch.fft"
 
 
 def fft_bind(a: Tensor, b: Tensor, *, conjugate_a: bool = False) -> Tensor:
-    """a ⊛ b (or a† ⊛ b with `conjugate_a`) via rfft/irfft, broadcasting the leading dims."""
+    """a ⊛ b (or a† ⊛ b with `conjugate_a`), broadcasting the leading dims: the fused CUDA kernel where it takes
+    the operands, else rfft/irfft."""
+    if a.is_cuda and fused_bind_supported(a, b):
+        return fused_bind(a, b, conjugate_a)
+    return torch_fft_bind(a, b, conjugate_a=conjugate_a)
+
+
+def torch_fft_bind(a: Tensor, b: Tensor, *, conjugate_a: bool = False) -> Tensor:
+    """`fft_bind` through torch.fft on every device (rfft, product, irfft), broadcasting the leading dims."""
     out_dtype = torch.promote_types(a.dtype, b.dtype)  # dtypes, not torch.result_type: a graph break under compile
     work = _work_dtype(out_dtype)
     dim = a.shape[-1]

@@ -3,6 +3,9 @@ traces, cleanup, and bad input. The slot memory and the capacity bounds are in t
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -273,6 +276,71 @@ def test_bind_unbind_on_cuda_match_reference(dtype: torch.dtype, mode: str) -> N
     a, b = make_tensor((4, 1, 64), 0), make_tensor((3, 64), 1)
     assert_equivalent(ref.bind, opt.bind, (a, b), dtype=dtype, kwargs={"mode": mode}, device="cuda")
     assert_equivalent(ref.unbind, opt.unbind, (b, a), dtype=dtype, kwargs={"mode": mode}, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [512, 1024, 2048, 4096])
+def test_fused_cuda_bind_and_unbind_match_reference(dim: int) -> None:
+    """The fused kernel (`optimized/kernels/hrr_bind.cu`) at every D it takes, a batch of (2, 3) rows (an odd
+    count: the last block has one row): outputs and gradients of bind and unbind against the float64 reference,
+    float32 tolerance."""
+    from optimized.kernels.hrr_bind import unavailable_reason
+
+    assert unavailable_reason() == "", unavailable_reason()
+    a, b = make_tensor((2, 3, dim), 0), make_tensor((2, 3, dim), 1)
+    assert opt.bind_dispatch(a.cuda().float(), b.cuda().float()) == "cuda-fused"
+    assert_equivalent(ref.bind, opt.bind, (a, b), dtype=torch.float32, device="cuda")
+    assert_equivalent(ref.unbind, opt.unbind, (b, a), dtype=torch.float32, device="cuda")
+
+
+@pytest.mark.gpu
+def test_fused_cuda_bind_leaves_what_it_does_not_take_to_torch_fft(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Broadcast shapes, bf16, D outside 512..4096 or not a power of two, and `MEMARCH_DISABLE_KERNELS=bind` keep
+    the torch.fft path; non-contiguous operands of one shape take the kernel (it copies them)."""
+    x = torch.randn(4, 1024, device="cuda")
+    assert opt.bind_dispatch(x, x[:1]) == "torch.fft"
+    assert opt.bind_dispatch(x.bfloat16(), x.bfloat16()) == "torch.fft"
+    assert opt.bind_dispatch(x[:, :256], x[:, :256]) == "torch.fft"
+    assert opt.bind_dispatch(x[:, :1000], x[:, :1000]) == "torch.fft"
+    long = torch.randn(2, 8192, device="cuda")
+    assert opt.bind_dispatch(long, long) == "torch.fft"
+    strided = torch.randn(1024, 4, device="cuda").t()  # (4, 1024), not contiguous
+    assert opt.bind_dispatch(strided, x) == "cuda-fused"
+    expect = ref.bind(strided.double(), x.double())
+    assert (opt.bind(strided, x).double() - expect).abs().max() <= 1e-5 * expect.abs().max()
+    monkeypatch.setenv("MEMARCH_DISABLE_KERNELS", "bind")
+    assert opt.bind_dispatch(x, x) == "torch.fft"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the fused bind kernel's compiler)")
+def test_fused_bind_kernel_compiles_for_sm90_without_local_memory(tmp_path: Any) -> None:
+    """The CUDA source builds for sm_90 on any machine with nvcc (no GPU needed), and every kernel keeps its
+    registers in registers (0-byte stack frame: the small DFTs' indices are compile-time constants)."""
+    from optimized.kernels.hrr_bind import SOURCE
+
+    result = subprocess.run(["nvcc", "-O3", "-std=c++17", "-arch=sm_90", "-cubin", "-Xptxas", "-v", str(SOURCE),
+                             "-o", str(tmp_path / "hrr_bind.cubin")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    frames = re.findall(r"(\d+) bytes stack frame", result.stderr)
+    assert len(frames) == 4 and all(frame == "0" for frame in frames), result.stderr
+
+
+def test_fused_bind_says_why_it_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from optimized.kernels import hrr_bind
+
+    x = torch.ones(2, 1024)
+    assert not hrr_bind.fused_bind_supported(x, x) and opt.bind_dispatch(x, x) == "torch.fft"
+    monkeypatch.setenv("MEMARCH_DISABLE_KERNELS", "bind")
+    assert hrr_bind.unavailable_reason() == "switched off by MEMARCH_DISABLE_KERNELS"
+    monkeypatch.delenv("MEMARCH_DISABLE_KERNELS")
+    monkeypatch.setattr(hrr_bind, "_nvcc", lambda: None)
+    hrr_bind._library.cache_clear()
+    try:
+        assert "nvcc not found" in hrr_bind._library((9, 0))[1]
+    finally:
+        hrr_bind._library.cache_clear()
+    if not torch.cuda.is_available():
+        assert hrr_bind.unavailable_reason() == "no CUDA device"
 
 
 def test_bind_benchmark_reports_reference_and_optimized_rows() -> None:

@@ -1,0 +1,164 @@
+"""HRR binding fused into one CUDA kernel (`hrr_bind.cu`): c = irfft(op(rfft(a))·rfft(b)) reading a and b once and
+writing c once, where `torch.fft` makes three memory passes and complex intermediates (specs/vsa.md, "The fused
+CUDA kernel").
+
+Scope: CUDA float32 operands of the same shape with the last dimension D ∈ {512, 1024, 2048, 4096}
+(`fused_bind_supported`); everything else keeps `optimized.vsa`'s torch.fft path. Gradients go through the same
+kernel (the adjoint of a convolution is a correlation and vice versa). `MEMARCH_DISABLE_KERNELS=bind` switches
+the kernel off.
+
+Build: on first use nvcc (`$NVCC`, else `nvcc` on the PATH, else `$CUDA_HOME/bin/nvcc`) compiles `hrr_bind.cu`
+for the device's compute capability into `$MEMARCH_CACHE_DIR` (as `cpu_scan.c`), named by a hash of the source,
+the flags and the compiler; loaded with ctypes. Where nvcc is missing or the build fails, `unavailable_reason()`
+says why and binding keeps its torch path.
+
+Tolerances against the float64 reference: float32 1e-5 relative, as the torch.fft path (both are float32 FFTs
+with twiddles rounded from float64).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import Tensor
+
+from optimized.kernels import kernels_disabled
+from optimized.kernels.cpu_scan import _eager, cache_dir
+
+__all__ = ["SUPPORTED_DIMS", "fused_bind", "fused_bind_supported", "unavailable_reason"]
+
+SOURCE = Path(__file__).with_name("hrr_bind.cu")
+SUPPORTED_DIMS = (512, 1024, 2048, 4096)  # at 8192 it was slower than torch.fft on an H200 (specs/vsa.md)
+
+
+def _nvcc() -> str | None:
+    if os.environ.get("NVCC"):
+        return shutil.which(os.environ["NVCC"])
+    found = shutil.which("nvcc")
+    if found is None and os.environ.get("CUDA_HOME"):
+        found = shutil.which(str(Path(os.environ["CUDA_HOME"]) / "bin" / "nvcc"))
+    return found
+
+
+@functools.cache
+def _library(capability: tuple[int, int]) -> tuple[ctypes.CDLL | None, str]:
+    """The compiled kernel for one compute capability, or None and the reason it cannot be had."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        return None, "nvcc not found (set NVCC or CUDA_HOME, or put nvcc on the PATH)"
+    try:
+        source = SOURCE.read_bytes()
+    except OSError as error:
+        return None, f"cannot read the CUDA source {SOURCE}: {error}"
+    arch = f"sm_{capability[0]}{capability[1]}"
+    flags = ["-O3", "-std=c++17", f"-arch={arch}", "-shared", "-Xcompiler", "-fPIC"]
+    key = hashlib.sha256(source + " ".join([nvcc, *flags]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"hrr_bind-{arch}-{key}.so"
+    if not target.exists():
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+                built = Path(scratch) / target.name
+                result = subprocess.run([nvcc, *flags, str(SOURCE), "-o", str(built)], capture_output=True,
+                                        text=True, timeout=300)
+                if result.returncode != 0:
+                    return None, f"nvcc failed on {SOURCE.name}: {result.stderr.strip()[-500:]}"
+                os.replace(built, target)  # atomic: concurrent builders never see half a file
+        except (OSError, subprocess.SubprocessError) as error:
+            return None, f"building {SOURCE.name} in {target.parent} failed: {error}"
+    try:
+        library = ctypes.CDLL(str(target))
+    except OSError as error:
+        return None, f"loading {target} failed: {error}"
+    ptr = ctypes.c_void_p
+    # a, b, c, rows, D, conj_a, twiddles, stream
+    library.memarch_hrr_bind.argtypes = [ptr, ptr, ptr, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ptr, ptr]
+    library.memarch_hrr_bind.restype = ctypes.c_int
+    return library, ""
+
+
+@_eager
+def unavailable_reason(device: torch.device | None = None) -> str:
+    """Why the fused kernel cannot run on `device` (default: the current CUDA device); "" when it can."""
+    if {"bind", "all"} & kernels_disabled():
+        return "switched off by MEMARCH_DISABLE_KERNELS"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return _library(torch.cuda.get_device_capability(device))[1]
+
+
+def fused_bind_supported(a: Tensor, b: Tensor) -> bool:
+    """Whether `fused_bind` takes these operands: CUDA float32, one shape, D in SUPPORTED_DIMS, and the kernel
+    builds here (checked last: CPU tensors never reach the build)."""
+    return (a.is_cuda and b.device == a.device and a.dtype == torch.float32 and b.dtype == torch.float32
+            and a.shape == b.shape and a.ndim >= 1 and a.shape[-1] in SUPPORTED_DIMS
+            and unavailable_reason(a.device) == "")
+
+
+@functools.cache
+def _twiddles(dim: int, device: torch.device) -> Tensor:
+    """W_D^m = exp(-2πi m/D), m < D, as (D, 2) float32 (cos, -sin), from float64."""
+    angle = torch.arange(dim, dtype=torch.float64) * (2 * torch.pi / dim)
+    return torch.stack([angle.cos(), -angle.sin()], dim=-1).to(device=device, dtype=torch.float32).contiguous()
+
+
+def _launch(x: Tensor, y: Tensor, conj_x: bool) -> Tensor:
+    """irfft(op(rfft(x))·rfft(y)) over the last dimension, op = conj when `conj_x`."""
+    x, y = x.contiguous(), y.contiguous()
+    out = torch.empty_like(x)
+    rows, dim = x.numel() // x.shape[-1], x.shape[-1]
+    if rows == 0:
+        return out
+    library = _library(torch.cuda.get_device_capability(x.device))[0]
+    assert library is not None
+    with torch.cuda.device(x.device):
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        code = library.memarch_hrr_bind(x.data_ptr(), y.data_ptr(), out.data_ptr(), rows, dim, int(conj_x),
+                                        _twiddles(dim, x.device).data_ptr(), stream)
+    if code != 0:
+        raise RuntimeError(f"memarch_hrr_bind failed with code {code} (D={dim}, rows={rows}); "
+                           "MEMARCH_DISABLE_KERNELS=bind falls back to torch.fft")
+    return out
+
+
+class _FusedBind(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, a: Tensor, b: Tensor, conjugate_a: bool) -> Tensor:
+        ctx.save_for_backward(a, b)
+        ctx.conjugate_a = conjugate_a
+        return _launch(a, b, conjugate_a)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        a, b = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_a = grad_b = None
+        if ctx.conjugate_a:  # c = a ⋆ b (correlation): dL/da = g ⋆ b, dL/db = a ⊛ g
+            if ctx.needs_input_grad[0]:
+                grad_a = _launch(grad, b, True)
+            if ctx.needs_input_grad[1]:
+                grad_b = _launch(a, grad, False)
+        else:  # c = a ⊛ b: dL/da = b ⋆ g, dL/db = a ⋆ g
+            if ctx.needs_input_grad[0]:
+                grad_a = _launch(b, grad, True)
+            if ctx.needs_input_grad[1]:
+                grad_b = _launch(a, grad, True)
+        return grad_a, grad_b, None
+
+
+@_eager
+def fused_bind(a: Tensor, b: Tensor, conjugate_a: bool = False) -> Tensor:
+    """a ⊛ b (or a ⋆ b, the correlation irfft(conj(rfft(a))·rfft(b)), with `conjugate_a`) by the fused kernel,
+    differentiable. Operands as `fused_bind_supported` requires."""
+    apply = cast(Callable[..., Tensor], _FusedBind.apply)
+    return apply(a, b, conjugate_a)
