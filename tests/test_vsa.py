@@ -313,11 +313,22 @@ def test_fused_cuda_bind_leaves_what_it_does_not_take_to_torch_fft(monkeypatch: 
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the fused bind kernel's compiler)")
-def test_fused_bind_kernel_compiles_for_sm90_without_local_memory(tmp_path: Any) -> None:
-    """The CUDA source builds for sm_90 on any machine with nvcc (no GPU needed), and every kernel keeps its
-    registers in registers (0-byte stack frame: the small DFTs' indices are compile-time constants)."""
+def test_fused_bind_kernel_compiles_for_sm90_without_local_memory(tmp_path: Any,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA source builds for sm_90 on any machine with nvcc (no GPU needed) through the library's own build
+    (cached, loaded with ctypes), and every kernel keeps its registers in registers (0-byte stack frame: the small
+    DFTs' indices are compile-time constants)."""
+    from optimized.kernels import hrr_bind
     from optimized.kernels.hrr_bind import SOURCE
 
+    monkeypatch.setenv("MEMARCH_CACHE_DIR", str(tmp_path / "cache"))
+    hrr_bind._library.cache_clear()
+    try:
+        library, reason = hrr_bind._library((9, 0))
+        assert reason == "" and library is not None and library.memarch_hrr_bind.restype is not None
+        assert [path.name.startswith("hrr_bind-sm_90-") for path in (tmp_path / "cache").iterdir()] == [True]
+    finally:
+        hrr_bind._library.cache_clear()
     result = subprocess.run(["nvcc", "-O3", "-std=c++17", "-arch=sm_90", "-cubin", "-Xptxas", "-v", str(SOURCE),
                              "-o", str(tmp_path / "hrr_bind.cubin")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -1,11 +1,18 @@
-"""Triton kernels. Each kernel module has a torch fallback beside its call site in `optimized/<name>.py`;
-dispatch is explicit and reported by `scripts/bench.py`. Under `TRITON_INTERPRET=1` the kernels run on
-CPU tensors (slowly), which is how CI exercises them."""
+"""Kernels: Triton, plus two compiled on first use (the CPU scan in C, HRR binding in CUDA C; `compile_library`).
+Each kernel module has a torch fallback beside its call site in `optimized/<name>.py`; dispatch is explicit and
+reported by `scripts/bench.py`. Under `TRITON_INTERPRET=1` the Triton kernels run on CPU tensors (slowly), which
+is how CI exercises them."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -38,3 +45,47 @@ def kernel_available(x: torch.Tensor, name: str = "") -> bool:
     """
     off = kernels_disabled()
     return x.is_cuda and triton_available() and not ({name, "all"} & off)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def eager(fn: _F) -> _F:
+    """`torch.compiler.disable`, typed: ctypes, files and a compiler run eagerly, outside any torch.compile graph
+    (a graph break where a compiled model calls such a kernel)."""
+    return cast(_F, torch.compiler.disable(fn))
+
+
+def cache_dir() -> Path:
+    """Where the compiled libraries live: `$MEMARCH_CACHE_DIR`, `$XDG_CACHE_HOME/memarch` or `~/.cache/memarch`."""
+    if os.environ.get("MEMARCH_CACHE_DIR"):
+        return Path(os.environ["MEMARCH_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "memarch"
+
+
+def compile_library(compiler: str, flags: list[str], source: Path, stem: str,
+                    timeout: float = 120) -> tuple[Path | None, str]:
+    """`compiler *flags source -o <cache_dir>/<stem>-<hash>.so` unless that file exists (the hash covers the
+    source, the compiler and the flags, so a changed source or machine rebuilds): the library's path, or None and
+    why it could not be built. The file appears atomically, so concurrent builders never load half of one."""
+    try:
+        text = source.read_bytes()
+    except OSError as error:
+        return None, f"cannot read {source}: {error}"
+    key = hashlib.sha256(text + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"{stem}-{key}.so"
+    if target.exists():
+        return target, ""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            built = Path(scratch) / target.name
+            result = subprocess.run([compiler, *flags, str(source), "-o", str(built)], capture_output=True,
+                                    text=True, timeout=timeout)
+            if result.returncode != 0:
+                return None, f"{compiler} failed on {source.name}: {result.stderr.strip()[-500:]}"
+            os.replace(built, target)
+    except (OSError, subprocess.SubprocessError) as error:
+        return None, f"building {source.name} in {target.parent} failed: {error}"
+    return target, ""

@@ -24,23 +24,20 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
 import shutil
-import subprocess
-import tempfile
 import threading
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
-from optimized.kernels import kernels_disabled
+from optimized.kernels import compile_library, eager, kernels_disabled
 
 __all__ = ["cpu_scan_available", "selective_scan_cpu", "unavailable_reason"]
 
@@ -51,23 +48,6 @@ _DTYPES = {torch.float32: 0, torch.float64: 1}
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = 0
-
-
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _eager(fn: _F) -> _F:
-    """`torch.compiler.disable`, typed: ctypes, files and a compiler run eagerly, outside any torch.compile graph
-    (a graph break where a compiled model calls the scan)."""
-    return cast(_F, torch.compiler.disable(fn))
-
-
-def cache_dir() -> Path:
-    """Where the compiled libraries live: `$MEMARCH_CACHE_DIR`, `$XDG_CACHE_HOME/memarch` or `~/.cache/memarch`."""
-    if os.environ.get("MEMARCH_CACHE_DIR"):
-        return Path(os.environ["MEMARCH_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "memarch"
 
 
 def _flags() -> list[str]:
@@ -96,27 +76,11 @@ def _try_build() -> tuple[tuple[ctypes.CDLL, ctypes.CDLL] | None, str]:
     compiler = _compiler()
     if compiler is None:
         return None, "no C compiler found (set CC, or install gcc or clang)"
-    try:
-        source = SOURCE.read_bytes()
-    except OSError as error:
-        return None, f"cannot read the C source {SOURCE}: {error}"
     libraries = []
     for double in (0, 1):
-        flags = [*_flags(), f"-DSCAN_DOUBLE={double}"]
-        key = hashlib.sha256(source + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
-        target = cache_dir() / f"cpu_scan-{key}.so"
-        if not target.exists():
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-                    built = Path(scratch) / target.name
-                    result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)],
-                                            capture_output=True, text=True, timeout=120)
-                    if result.returncode != 0:
-                        return None, f"{compiler} failed on {SOURCE.name}: {result.stderr.strip()[-500:]}"
-                    os.replace(built, target)  # atomic: concurrent builders (pytest-xdist) never see half a file
-            except (OSError, subprocess.SubprocessError) as error:
-                return None, f"building {SOURCE.name} in {target.parent} failed: {error}"
+        target, reason = compile_library(compiler, [*_flags(), f"-DSCAN_DOUBLE={double}"], SOURCE, "cpu_scan")
+        if target is None:
+            return None, reason
         try:
             library = ctypes.CDLL(str(target))
         except OSError as error:
@@ -135,7 +99,7 @@ def _try_build() -> tuple[tuple[ctypes.CDLL, ctypes.CDLL] | None, str]:
     return (libraries[0], libraries[1]), ""
 
 
-@_eager
+@eager
 def unavailable_reason() -> str:
     """Why the compiled CPU scan cannot run here ("" when it can)."""
     if "cpu_scan" in kernels_disabled() or "all" in kernels_disabled():
@@ -143,7 +107,7 @@ def unavailable_reason() -> str:
     return _build()[1]
 
 
-@_eager
+@eager
 def cpu_scan_available(*tensors: Tensor | None) -> bool:
     """Whether `selective_scan_cpu` takes these inputs: all on the CPU, and the library builds here."""
     if any(t is not None and t.device.type != "cpu" for t in tensors):
@@ -278,7 +242,7 @@ class _CompiledScan(torch.autograd.Function):
                 None if g_d is None else g_d.sum(0), g_z, g_h0 if ctx.has_h0 else None)
 
 
-@_eager
+@eager
 def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
                        z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool,
                        initial_state: Tensor | None, work: torch.dtype, *,

@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
 import shutil
-import subprocess
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -32,8 +29,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from optimized.kernels import kernels_disabled
-from optimized.kernels.cpu_scan import _eager, cache_dir
+from optimized.kernels import compile_library, eager, kernels_disabled
 
 __all__ = ["SUPPORTED_DIMS", "fused_bind", "fused_bind_supported", "unavailable_reason"]
 
@@ -56,26 +52,11 @@ def _library(capability: tuple[int, int]) -> tuple[ctypes.CDLL | None, str]:
     nvcc = _nvcc()
     if nvcc is None:
         return None, "nvcc not found (set NVCC or CUDA_HOME, or put nvcc on the PATH)"
-    try:
-        source = SOURCE.read_bytes()
-    except OSError as error:
-        return None, f"cannot read the CUDA source {SOURCE}: {error}"
     arch = f"sm_{capability[0]}{capability[1]}"
     flags = ["-O3", "-std=c++17", f"-arch={arch}", "-shared", "-Xcompiler", "-fPIC"]
-    key = hashlib.sha256(source + " ".join([nvcc, *flags]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"hrr_bind-{arch}-{key}.so"
-    if not target.exists():
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-                built = Path(scratch) / target.name
-                result = subprocess.run([nvcc, *flags, str(SOURCE), "-o", str(built)], capture_output=True,
-                                        text=True, timeout=300)
-                if result.returncode != 0:
-                    return None, f"nvcc failed on {SOURCE.name}: {result.stderr.strip()[-500:]}"
-                os.replace(built, target)  # atomic: concurrent builders never see half a file
-        except (OSError, subprocess.SubprocessError) as error:
-            return None, f"building {SOURCE.name} in {target.parent} failed: {error}"
+    target, reason = compile_library(nvcc, flags, SOURCE, f"hrr_bind-{arch}", timeout=300)
+    if target is None:
+        return None, reason
     try:
         library = ctypes.CDLL(str(target))
     except OSError as error:
@@ -87,7 +68,7 @@ def _library(capability: tuple[int, int]) -> tuple[ctypes.CDLL | None, str]:
     return library, ""
 
 
-@_eager
+@eager
 def unavailable_reason(device: torch.device | None = None) -> str:
     """Why the fused kernel cannot run on `device` (default: the current CUDA device); "" when it can."""
     if {"bind", "all"} & kernels_disabled():
@@ -156,7 +137,7 @@ class _FusedBind(torch.autograd.Function):
         return grad_a, grad_b, None
 
 
-@_eager
+@eager
 def fused_bind(a: Tensor, b: Tensor, conjugate_a: bool = False) -> Tensor:
     """a ⊛ b (or a ⋆ b, the correlation irfft(conj(rfft(a))·rfft(b)), with `conjugate_a`) by the fused kernel,
     differentiable. Operands as `fused_bind_supported` requires."""
