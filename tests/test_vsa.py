@@ -312,6 +312,20 @@ def test_fused_cuda_bind_leaves_what_it_does_not_take_to_torch_fft(monkeypatch: 
     assert opt.bind_dispatch(x, x) == "torch.fft"
 
 
+@pytest.mark.parametrize("dim", [512, 1024, 2048, 4096])
+def test_fused_bind_kernel_compiled_for_the_cpu_matches_reference(dim: int) -> None:
+    """The CUDA kernel's source run on the CPU (`hrr_bind_emulate.cpp`: a std::thread per CUDA thread, a barrier per
+    __syncthreads): bind and unbind, outputs and gradients (which run the kernel again) against the float64
+    reference, at every D the GPU dispatch takes; 3 rows, so the last block has one."""
+    from optimized.kernels import hrr_bind
+
+    if hrr_bind.emulator_unavailable_reason():
+        pytest.skip(hrr_bind.emulator_unavailable_reason())
+    a, b = make_tensor((3, dim), 0), make_tensor((3, dim), 1)
+    assert_equivalent(ref.bind, hrr_bind.fused_bind, (a, b), dtype=torch.float32)
+    assert_equivalent(ref.unbind, lambda c, key: hrr_bind.fused_bind(key, c, True), (b, a), dtype=torch.float32)
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the fused bind kernel's compiler)")
 def test_fused_bind_kernel_compiles_for_sm90_without_local_memory(tmp_path: Any,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:

@@ -64,15 +64,16 @@ def cache_dir() -> Path:
     return Path(base) / "memarch"
 
 
-def compile_library(compiler: str, flags: list[str], source: Path, stem: str,
-                    timeout: float = 120) -> tuple[Path | None, str]:
+def compile_library(compiler: str, flags: list[str], source: Path, stem: str, timeout: float = 120,
+                    depends: tuple[Path, ...] = ()) -> tuple[Path | None, str]:
     """`compiler *flags source -o <cache_dir>/<stem>-<hash>.so` unless that file exists (the hash covers the
-    source, the compiler and the flags, so a changed source or machine rebuilds): the library's path, or None and
-    why it could not be built. The file appears atomically, so concurrent builders never load half of one."""
+    source, the files it includes (`depends`), the compiler and the flags, so a changed source or machine
+    rebuilds): the library's path, or None and why it could not be built. The file appears atomically, so
+    concurrent builders never load half of one."""
     try:
-        text = source.read_bytes()
+        text = b"".join(path.read_bytes() for path in (source, *depends))
     except OSError as error:
-        return None, f"cannot read {source}: {error}"
+        return None, f"cannot read {source} or what it includes: {error}"
     key = hashlib.sha256(text + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
     target = cache_dir() / f"{stem}-{key}.so"
     if target.exists():

@@ -13,7 +13,13 @@
 // inverse's last stage writes c straight to it, both coalesced. Twiddles W_D^m = exp(-2 pi i m / D) come from a
 // table the caller computes in float64 and rounds to float32.
 
+#ifdef HRR_EMULATE
+// compiled for the CPU by hrr_bind_emulate.cpp (tests): it defines the CUDA names used below
+#define HRR_SHARED(name) float* name = hrr_emulated_shared
+#else
 #include <cuda_runtime.h>
+#define HRR_SHARED(name) extern __shared__ float name[]
+#endif
 
 namespace {
 
@@ -194,7 +200,7 @@ __global__ void __launch_bounds__(D / 16) hrr_bind_pair_kernel(const float* __re
                                                                const float* __restrict__ b, float* __restrict__ c,
                                                                const float2* __restrict__ tw, int conj_a,
                                                                long long rows) {
-  extern __shared__ float smem[];
+  HRR_SHARED(smem);
   constexpr int P = D + D / 32;
   float* re0 = smem;
   float* im0 = smem + P;
@@ -218,6 +224,7 @@ __global__ void __launch_bounds__(D / 16) hrr_bind_pair_kernel(const float* __re
   stages<D, 1, true>(re0, im0, nullptr, nullptr, c + row0 * D, two ? c + (row0 + 1) * D : nullptr, tw, tid);
 }
 
+#ifndef HRR_EMULATE
 template <int D>
 int launch(const float* a, const float* b, float* c, long long rows, const void* tw, int conj_a, void* stream) {
   const size_t smem = 4 * (D + D / 32) * sizeof(float);  // two rows' spectra, re and im planes
@@ -231,7 +238,11 @@ int launch(const float* a, const float* b, float* c, long long rows, const void*
   return static_cast<int>(cudaGetLastError());
 }
 
+#endif
+
 }  // namespace
+
+#ifndef HRR_EMULATE
 
 // c[row] = irfft(op(rfft(a[row])) · rfft(b[row])) for `rows` contiguous rows of D floats; op = conj when conj_a.
 // D in {512, 1024, 2048, 4096}; tw: D float2 twiddles exp(-2 pi i m / D) on the device; stream: a
@@ -247,3 +258,4 @@ extern "C" int memarch_hrr_bind(const float* a, const float* b, float* c, long l
     default: return -1;
   }
 }
+#endif

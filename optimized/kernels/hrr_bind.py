@@ -12,6 +12,10 @@ for the device's compute capability into `$MEMARCH_CACHE_DIR` (as `cpu_scan.c`),
 the flags and the compiler; loaded with ctypes. Where nvcc is missing or the build fails, `unavailable_reason()`
 says why and binding keeps its torch path.
 
+On a machine without a GPU the same kernel source, compiled for the CPU by the C++ compiler with one thread per
+CUDA thread (`hrr_bind_emulate.cpp`), runs CPU tensors through `fused_bind`: the tests check the kernel's indexing,
+synchronisation and gradients in CI that way, as Triton's interpreter does for the Triton kernels.
+
 Tolerances against the float64 reference: float32 1e-5 relative, as the torch.fft path (both are float32 FFTs
 with twiddles rounded from float64).
 """
@@ -31,9 +35,10 @@ from torch import Tensor
 
 from optimized.kernels import compile_library, eager, kernels_disabled
 
-__all__ = ["SUPPORTED_DIMS", "fused_bind", "fused_bind_supported", "unavailable_reason"]
+__all__ = ["SUPPORTED_DIMS", "emulator_unavailable_reason", "fused_bind", "fused_bind_supported", "unavailable_reason"]
 
 SOURCE = Path(__file__).with_name("hrr_bind.cu")
+EMULATOR = Path(__file__).with_name("hrr_bind_emulate.cpp")
 SUPPORTED_DIMS = (512, 1024, 2048, 4096)  # at 8192 it was slower than torch.fft on an H200 (specs/vsa.md)
 
 
@@ -68,6 +73,31 @@ def _library(capability: tuple[int, int]) -> tuple[ctypes.CDLL | None, str]:
     return library, ""
 
 
+@functools.cache
+def _emulator() -> tuple[ctypes.CDLL | None, str]:
+    """`hrr_bind_emulate.cpp` (the kernel compiled for the CPU, a thread per CUDA thread), or None and why not."""
+    compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        return None, "no C++ compiler found (set CXX, or install g++ or clang++)"
+    flags = ["-O2", "-std=c++20", "-pthread", "-shared", "-fPIC"]
+    target, reason = compile_library(compiler, flags, EMULATOR, "hrr_bind_emulate", depends=(SOURCE,))
+    if target is None:
+        return None, reason
+    try:
+        library = ctypes.CDLL(str(target))
+    except OSError as error:
+        return None, f"loading {target} failed: {error}"
+    ptr = ctypes.c_void_p
+    library.memarch_hrr_bind_emulated.argtypes = [ptr, ptr, ptr, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ptr]
+    library.memarch_hrr_bind_emulated.restype = ctypes.c_int
+    return library, ""
+
+
+def emulator_unavailable_reason() -> str:
+    """Why `fused_bind` cannot run CPU tensors through the emulated kernel here ("" when it can)."""
+    return _emulator()[1]
+
+
 @eager
 def unavailable_reason(device: torch.device | None = None) -> str:
     """Why the fused kernel cannot run on `device` (default: the current CUDA device); "" when it can."""
@@ -100,12 +130,18 @@ def _launch(x: Tensor, y: Tensor, conj_x: bool) -> Tensor:
     rows, dim = x.numel() // x.shape[-1], x.shape[-1]
     if rows == 0:
         return out
-    library = _library(torch.cuda.get_device_capability(x.device))[0]
-    assert library is not None
-    with torch.cuda.device(x.device):
-        stream = torch.cuda.current_stream(x.device).cuda_stream
-        code = library.memarch_hrr_bind(x.data_ptr(), y.data_ptr(), out.data_ptr(), rows, dim, int(conj_x),
-                                        _twiddles(dim, x.device).data_ptr(), stream)
+    if not x.is_cuda:  # tests: the same kernel source compiled for the CPU
+        emulator = _emulator()[0]
+        assert emulator is not None, emulator_unavailable_reason()
+        code = emulator.memarch_hrr_bind_emulated(x.data_ptr(), y.data_ptr(), out.data_ptr(), rows, dim,
+                                                  int(conj_x), _twiddles(dim, x.device).data_ptr())
+    else:
+        library = _library(torch.cuda.get_device_capability(x.device))[0]
+        assert library is not None
+        with torch.cuda.device(x.device):
+            stream = torch.cuda.current_stream(x.device).cuda_stream
+            code = library.memarch_hrr_bind(x.data_ptr(), y.data_ptr(), out.data_ptr(), rows, dim, int(conj_x),
+                                            _twiddles(dim, x.device).data_ptr(), stream)
     if code != 0:
         raise RuntimeError(f"memarch_hrr_bind failed with code {code} (D={dim}, rows={rows}); "
                            "MEMARCH_DISABLE_KERNELS=bind falls back to torch.fft")
@@ -140,6 +176,7 @@ class _FusedBind(torch.autograd.Function):
 @eager
 def fused_bind(a: Tensor, b: Tensor, conjugate_a: bool = False) -> Tensor:
     """a ⊛ b (or a ⋆ b, the correlation irfft(conj(rfft(a))·rfft(b)), with `conjugate_a`) by the fused kernel,
-    differentiable. Operands as `fused_bind_supported` requires."""
+    differentiable. Operands as `fused_bind_supported` requires, or CPU float32 tensors of one shape with D in
+    SUPPORTED_DIMS, which run the kernel's source compiled for the CPU (`hrr_bind_emulate.cpp`; for tests)."""
     apply = cast(Callable[..., Tensor], _FusedBind.apply)
     return apply(a, b, conjugate_a)
