@@ -81,7 +81,7 @@ echo "== op benchmarks"
 for op in ${OPS:-$(python3 scripts/bench.py --list | grep -v _sweep)}; do  # the *_sweep tuning runs only when named
   case "$op" in scan|scan_sweep) wait_for_mamba ;; esac  # the peer row and the default branch need the build
   # per-op limits: GPU_OP_TIMEOUT_<op> (deq, hopfield and titans time slow references and autotuning peers)
-  limit_var="GPU_OP_TIMEOUT_$op"; case "$op" in deq|hopfield|titans|scan_sweep|titans_sweep|omega_sweep) default=150 ;; *) default=50 ;; esac
+  limit_var="GPU_OP_TIMEOUT_$op"; case "$op" in deq|hopfield|titans|scan_sweep|titans_sweep|omega_sweep|bind_sweep) default=150 ;; *) default=50 ;; esac
   # each row also goes to stderr as it is measured ("# row: ..."): kept in the log, left out of the tables
   timeout "${!limit_var:-${GPU_OP_TIMEOUT:-$default}}" python3 scripts/bench.py --op "$op" --device cuda "${quick[@]}" \
     --json "$OUT/bench_op_$op.json" 2> >(tee -a "$OUT/bench_progress.log" >&2) | grep -v "^# memarch" \

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterator
+from functools import partial
 from types import ModuleType
 from typing import Any
 
@@ -312,18 +313,39 @@ def test_fused_cuda_bind_leaves_what_it_does_not_take_to_torch_fft(monkeypatch: 
     assert opt.bind_dispatch(x, x) == "torch.fft"
 
 
-@pytest.mark.parametrize("dim", [512, 1024, 2048, 4096])
-def test_fused_bind_kernel_compiled_for_the_cpu_matches_reference(dim: int) -> None:
+@pytest.mark.parametrize(("dim", "values"), [(512, 16), (1024, 16), (2048, 16), (4096, 16), (512, 4), (2048, 8)])
+def test_fused_bind_kernel_compiled_for_the_cpu_matches_reference(dim: int, values: int,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The CUDA kernel's source run on the CPU (`hrr_bind_emulate.cpp`: a std::thread per CUDA thread, a barrier per
     __syncthreads): bind and unbind, outputs and gradients (which run the kernel again) against the float64
-    reference, at every D the GPU dispatch takes; 3 rows, so the last block has one."""
+    reference, at every D the GPU dispatch takes, and the builds with 4 and 8 values per thread that
+    `--op bind_sweep` times; 3 rows, so the last block has one."""
     from optimized.kernels import hrr_bind
 
     if hrr_bind.emulator_unavailable_reason():
         pytest.skip(hrr_bind.emulator_unavailable_reason())
+    monkeypatch.setattr(hrr_bind, "_launch", partial(hrr_bind._launch, values=values))
     a, b = make_tensor((3, dim), 0), make_tensor((3, dim), 1)
     assert_equivalent(ref.bind, hrr_bind.fused_bind, (a, b), dtype=torch.float32)
     assert_equivalent(ref.unbind, lambda c, key: hrr_bind.fused_bind(key, c, True), (b, a), dtype=torch.float32)
+
+
+@pytest.mark.gpu
+def test_bind_sweep_benchmark_on_cuda_times_every_build_against_torch_fft() -> None:
+    from training.benchmarks import BenchArgs, discover
+
+    rows = discover()["bind_sweep"](BenchArgs(device=torch.device("cuda"), quick=True, repeat=1))
+    assert rows[0].impl == "peer:copy"
+    fused = [row for row in rows if row.impl == "optimized:cuda-fused"]
+    assert len(fused) == 9 and all(row.ms > 0 and "torch.fft's time" in row.note for row in fused), fused
+    assert all(float(row.note.split("max |Δ| / max |c| ")[1].split()[0]) <= 1e-5 for row in fused)
+    assert sum("(the default)" in row.note for row in fused) == 3
+
+
+def test_bind_sweep_has_no_rows_on_the_cpu() -> None:
+    from training.benchmarks import BenchArgs, discover
+
+    assert discover()["bind_sweep"](BenchArgs(device=torch.device("cpu"), quick=True, repeat=1)) == []
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the fused bind kernel's compiler)")

@@ -3,15 +3,15 @@
 // a and b once and writes c once. specs/vsa.md ("The fused CUDA kernel") states the algorithm; hrr_bind.py
 // builds this file with nvcc and calls `memarch_hrr_bind` through ctypes.
 //
-// One thread block per two rows, D/16 threads. A row's two real operands travel as one complex sequence
-// z = a + i·b: one complex FFT of length D gives both spectra (A_k = (Z_k + conj Z_{D-k})/2,
-// B_k = (Z_k - conj Z_{D-k})/2i). Their product C_k is Hermitian, so the two rows' products are packed as
-// W = C0 + i·C1, whose one inverse FFT is c0 + i·c1: three FFTs per two rows. Each FFT is a Stockham autosort FFT
-// (Govindaraju et al., SC 2008): radix-16 stages (then one radix 2/4/8 stage for the rest of D), each thread
-// holding 16 values in registers per stage and doing its small DFTs there (radix-2 decimation in frequency),
-// shared memory between stages. The forward FFTs' first stage reads a and b straight from global memory, the
-// inverse's last stage writes c straight to it, both coalesced. Twiddles W_D^m = exp(-2 pi i m / D) come from a
-// table the caller computes in float64 and rounds to float32.
+// One thread block per two rows, D/V threads (V = HRR_VALUES values per thread, 16 by default). A row's two real
+// operands travel as one complex sequence z = a + i·b: one complex FFT of length D gives both spectra
+// (A_k = (Z_k + conj Z_{D-k})/2, B_k = (Z_k - conj Z_{D-k})/2i). Their product C_k is Hermitian, so the two rows'
+// products are packed as W = C0 + i·C1, whose one inverse FFT is c0 + i·c1: three FFTs per two rows. Each FFT is
+// a Stockham autosort FFT (Govindaraju et al., SC 2008): radix-V stages (then one smaller radix for the rest of
+// D), each thread holding V values in registers per stage and doing its small DFTs there (radix-2 decimation in
+// frequency), shared memory between stages. The forward FFTs' first stage reads a and b straight from global
+// memory, the inverse's last stage writes c straight to it, both coalesced. Twiddles W_D^m = exp(-2 pi i m / D)
+// come from a table the caller computes in float64 and rounds to float32.
 
 #ifdef HRR_EMULATE
 // compiled for the CPU by hrr_bind_emulate.cpp (tests): it defines the CUDA names used below
@@ -22,6 +22,14 @@
 #endif
 
 namespace {
+
+// Values each thread holds per stage (the largest radix): 4, 8 or 16. Fewer values, fewer registers and more
+// threads per row, but more stages through shared memory; `scripts/bench.py --op bind_sweep` times the three.
+#ifndef HRR_VALUES
+#define HRR_VALUES 16
+#endif
+constexpr int V = HRR_VALUES;
+static_assert(V == 4 || V == 8 || V == 16, "HRR_VALUES must be 4, 8 or 16");
 
 // W_16^q = exp(-2 pi i q / 16) = cos(2 pi q / 16) - i sin(2 pi q / 16), q < 8 (the small DFTs need no more)
 __device__ __forceinline__ float w16_re(int q) {
@@ -66,7 +74,7 @@ __device__ __forceinline__ int pad(int i) { return i + (i >> 5); }
 // (X[bit_reverse(i)] in slot OFF + i): the stores undo that in their addresses. M is a template constant so that
 // nvcc unrolls the loops fully and every register index is a compile-time constant (no local memory).
 template <int R, bool INV, int OFF, int M>
-__device__ __forceinline__ void dif_level(float (&re)[16], float (&im)[16]) {
+__device__ __forceinline__ void dif_level(float (&re)[V], float (&im)[V]) {
   if constexpr (M >= 2) {
 #pragma unroll
     for (int k = 0; k < R; k += M) {
@@ -96,20 +104,20 @@ __device__ __forceinline__ void dif_level(float (&re)[16], float (&im)[16]) {
 }
 
 template <int R, bool INV, int OFF>
-__device__ __forceinline__ void small_dft(float (&re)[16], float (&im)[16]) {
+__device__ __forceinline__ void small_dft(float (&re)[V], float (&im)[V]) {
   dif_level<R, INV, OFF, R>(re, im);
 }
 
 template <int R, bool INV, int IT>
-__device__ __forceinline__ void small_dfts(float (&re)[16], float (&im)[16]) {
-  if constexpr (IT < 16 / R) {
+__device__ __forceinline__ void small_dfts(float (&re)[V], float (&im)[V]) {
+  if constexpr (IT < V / R) {
     small_dft<R, INV, IT * R>(re, im);
     small_dfts<R, INV, IT + 1>(re, im);
   }
 }
 
 // One Stockham stage of the length-D FFT: NS = the product of the earlier stages' radices, R this stage's radix.
-// Thread `tid` owns items j = tid + it * D/16 (16/R of them), item j's inputs x[j + r D/R] (r < R) sit in
+// Thread `tid` owns items j = tid + it * D/V (V/R of them), item j's inputs x[j + r D/R] (r < R) sit in
 // re/im[it R + r]. SRC_GLOBAL: the inputs come from a (real part) and b (imaginary part), else from shared memory;
 // DST_GLOBAL: the outputs' real parts / D go to c (and their imaginary parts / D to c1 unless it is null), else
 // to shared memory.
@@ -117,9 +125,9 @@ template <int D, int NS, int R, bool INV, bool SRC_GLOBAL, bool DST_GLOBAL>
 __device__ __forceinline__ void stage(float* sre, float* sim, const float* __restrict__ a, const float* __restrict__ b,
                                       float* __restrict__ c, float* __restrict__ c1, const float2* __restrict__ tw,
                                       int tid) {
-  constexpr int T = D / 16;
-  constexpr int ITEMS = 16 / R;
-  float re[16], im[16];
+  constexpr int T = D / V;
+  constexpr int ITEMS = V / R;
+  float re[V], im[V];
 #pragma unroll
   for (int it = 0; it < ITEMS; ++it) {
     const int j = tid + it * T;
@@ -170,12 +178,12 @@ __device__ __forceinline__ void stage(float* sre, float* sim, const float* __res
   __syncthreads();
 }
 
-// The stages from NS on (radix 16 while 16 divides what is left, then the remainder)
+// The stages from NS on (radix V while V divides what is left, then the remainder)
 template <int D, int NS, bool INV>
 __device__ __forceinline__ void stages(float* sre, float* sim, const float* a, const float* b, float* c, float* c1,
                                        const float2* tw, int tid) {
   if constexpr (NS < D) {
-    constexpr int R = (D / NS) >= 16 ? 16 : D / NS;
+    constexpr int R = (D / NS) >= V ? V : D / NS;
     constexpr bool first = !INV && NS == 1;
     constexpr bool last = INV && NS * R == D;
     stage<D, NS, R, INV, first, last>(sre, sim, a, b, c, c1, tw, tid);
@@ -196,7 +204,7 @@ __device__ __forceinline__ float2 spectra_product(const float* sre, const float*
 // Two rows per block: their spectra C0, C1 (each Hermitian) are packed as W = C0 + i C1, whose inverse FFT is
 // c0 + i c1 — three FFTs per two rows instead of four. An odd last row goes alone (C1 = 0, no second store).
 template <int D>
-__global__ void __launch_bounds__(D / 16) hrr_bind_pair_kernel(const float* __restrict__ a,
+__global__ void __launch_bounds__(D / V) hrr_bind_pair_kernel(const float* __restrict__ a,
                                                                const float* __restrict__ b, float* __restrict__ c,
                                                                const float2* __restrict__ tw, int conj_a,
                                                                long long rows) {
@@ -211,7 +219,7 @@ __global__ void __launch_bounds__(D / 16) hrr_bind_pair_kernel(const float* __re
   const int tid = threadIdx.x;
   stages<D, 1, false>(re0, im0, a + row0 * D, b + row0 * D, nullptr, nullptr, tw, tid);
   if (two) stages<D, 1, false>(re1, im1, a + (row0 + 1) * D, b + (row0 + 1) * D, nullptr, nullptr, tw, tid);
-  for (int k = tid; k <= D / 2; k += D / 16) {
+  for (int k = tid; k <= D / 2; k += D / V) {
     const int m = (D - k) & (D - 1);
     const float2 p0 = spectra_product(re0, im0, k, m, conj_a);
     const float2 p1 = two ? spectra_product(re1, im1, k, m, conj_a) : make_float2(0.0f, 0.0f);
@@ -233,7 +241,7 @@ int launch(const float* a, const float* b, float* c, long long rows, const void*
                                                  static_cast<int>(smem));
     if (err != cudaSuccess) return static_cast<int>(err);
   }
-  hrr_bind_pair_kernel<D><<<static_cast<unsigned>((rows + 1) / 2), D / 16, smem, static_cast<cudaStream_t>(stream)>>>(
+  hrr_bind_pair_kernel<D><<<static_cast<unsigned>((rows + 1) / 2), D / V, smem, static_cast<cudaStream_t>(stream)>>>(
       a, b, c, static_cast<const float2*>(tw), conj_a, rows);
   return static_cast<int>(cudaGetLastError());
 }

@@ -39,6 +39,7 @@ __all__ = ["SUPPORTED_DIMS", "emulator_unavailable_reason", "fused_bind", "fused
 
 SOURCE = Path(__file__).with_name("hrr_bind.cu")
 EMULATOR = Path(__file__).with_name("hrr_bind_emulate.cpp")
+VALUES = 16  # values per thread and largest radix (hrr_bind.cu's HRR_VALUES); `--op bind_sweep` times 4, 8, 16
 SUPPORTED_DIMS = (512, 1024, 2048, 4096)  # at 8192 it was slower than torch.fft on an H200 (specs/vsa.md)
 
 
@@ -52,13 +53,14 @@ def _nvcc() -> str | None:
 
 
 @functools.cache
-def _library(capability: tuple[int, int]) -> tuple[ctypes.CDLL | None, str]:
-    """The compiled kernel for one compute capability, or None and the reason it cannot be had."""
+def _library(capability: tuple[int, int], values: int = VALUES) -> tuple[ctypes.CDLL | None, str]:
+    """The compiled kernel for one compute capability (and `values` per thread), or None and the reason it
+    cannot be had."""
     nvcc = _nvcc()
     if nvcc is None:
         return None, "nvcc not found (set NVCC or CUDA_HOME, or put nvcc on the PATH)"
     arch = f"sm_{capability[0]}{capability[1]}"
-    flags = ["-O3", "-std=c++17", f"-arch={arch}", "-shared", "-Xcompiler", "-fPIC"]
+    flags = ["-O3", "-std=c++17", f"-arch={arch}", "-shared", "-Xcompiler", "-fPIC", f"-DHRR_VALUES={values}"]
     target, reason = compile_library(nvcc, flags, SOURCE, f"hrr_bind-{arch}", timeout=300)
     if target is None:
         return None, reason
@@ -74,12 +76,12 @@ def _library(capability: tuple[int, int]) -> tuple[ctypes.CDLL | None, str]:
 
 
 @functools.cache
-def _emulator() -> tuple[ctypes.CDLL | None, str]:
+def _emulator(values: int = VALUES) -> tuple[ctypes.CDLL | None, str]:
     """`hrr_bind_emulate.cpp` (the kernel compiled for the CPU, a thread per CUDA thread), or None and why not."""
     compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
     if compiler is None:
         return None, "no C++ compiler found (set CXX, or install g++ or clang++)"
-    flags = ["-O2", "-std=c++20", "-pthread", "-shared", "-fPIC"]
+    flags = ["-O2", "-std=c++20", "-pthread", "-shared", "-fPIC", f"-DHRR_VALUES={values}"]
     target, reason = compile_library(compiler, flags, EMULATOR, "hrr_bind_emulate", depends=(SOURCE,))
     if target is None:
         return None, reason
@@ -123,20 +125,20 @@ def _twiddles(dim: int, device: torch.device) -> Tensor:
     return torch.stack([angle.cos(), -angle.sin()], dim=-1).to(device=device, dtype=torch.float32).contiguous()
 
 
-def _launch(x: Tensor, y: Tensor, conj_x: bool) -> Tensor:
-    """irfft(op(rfft(x))·rfft(y)) over the last dimension, op = conj when `conj_x`."""
+def _launch(x: Tensor, y: Tensor, conj_x: bool, values: int = VALUES) -> Tensor:
+    """irfft(op(rfft(x))·rfft(y)) over the last dimension, op = conj when `conj_x`; `values` picks the build."""
     x, y = x.contiguous(), y.contiguous()
     out = torch.empty_like(x)
     rows, dim = x.numel() // x.shape[-1], x.shape[-1]
     if rows == 0:
         return out
     if not x.is_cuda:  # tests: the same kernel source compiled for the CPU
-        emulator = _emulator()[0]
+        emulator = _emulator(values)[0]
         assert emulator is not None, emulator_unavailable_reason()
         code = emulator.memarch_hrr_bind_emulated(x.data_ptr(), y.data_ptr(), out.data_ptr(), rows, dim,
                                                   int(conj_x), _twiddles(dim, x.device).data_ptr())
     else:
-        library = _library(torch.cuda.get_device_capability(x.device))[0]
+        library = _library(torch.cuda.get_device_capability(x.device), values)[0]
         assert library is not None
         with torch.cuda.device(x.device):
             stream = torch.cuda.current_stream(x.device).cuda_stream

@@ -38,7 +38,7 @@ inline void __syncthreads() { hrr_emulated_barrier->arrive_and_wait(); }
 namespace {
 template <int D>
 void emulate(const float* a, const float* b, float* c, long long rows, const float2* tw, int conj_a) {
-  constexpr int threads = D / 16;
+  constexpr int threads = D / V;
   std::vector<float> shared(4 * (D + D / 32));
   for (long long block = 0; block < (rows + 1) / 2; ++block) {
     std::barrier<> barrier(threads);

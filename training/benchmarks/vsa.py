@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -112,3 +113,44 @@ def bench_bind(args: BenchArgs) -> list[BenchRow]:
 @register("unbind")
 def bench_unbind(args: BenchArgs) -> list[BenchRow]:
     return bench_gpu("unbind", args) if args.device.type == "cuda" else bench_cpu("unbind", args)
+
+
+@register("bind_sweep")
+def bench_bind_sweep(args: BenchArgs) -> list[BenchRow]:
+    """CUDA only (no rows on CPU): the fused bind kernel built with 4, 8 and 16 values per thread
+    (`hrr_bind.cu`'s HRR_VALUES: fewer values, fewer registers and more threads, but more shared-memory stages)
+    at D ∈ {1024, 2048, 4096}, 256 MiB per operand (16 with --quick), each checked against torch.fft on the same
+    operands and timed beside torch.fft in the same run; for choosing `hrr_bind.VALUES` on a new GPU."""
+    if args.device.type != "cuda":
+        return []
+    from optimized.kernels import hrr_bind
+
+    device = args.device
+    row, copy_gbps = copy_row("bind_sweep", device, args.repeat, streamed=True)
+    rows = [row]
+    for dim in (1024, 2048, 4096):
+        pairs = (16 if args.quick else 256) * MIB // (4 * dim)
+        a, b = _operands(pairs, dim, device)
+        expected = opt.torch_fft_bind(a, b)
+        torch_ms = time_fn(partial(opt.torch_fft_bind, a, b), device, repeat=args.repeat, streamed=True)
+        rows.append(BenchRow(op="bind_sweep", impl="optimized:torch.fft", params=f"D={dim} pairs={pairs} fp32",
+                             ms=torch_ms, dispatch="torch.fft", throughput=f"{_gbps(pairs, dim, torch_ms):.0f} GB/s",
+                             floor_fraction=_gbps(pairs, dim, torch_ms) / copy_gbps))
+        for values in (4, 8, 16):
+            params = f"D={dim} pairs={pairs} fp32 values={values}"
+            reason = hrr_bind._library(torch.cuda.get_device_capability(device), values)[1]
+            if reason:
+                rows.append(BenchRow(op="bind_sweep", impl="optimized:cuda-fused", params=params, ms=float("nan"),
+                                     note=f"failed: {reason}"[:200]))
+                continue
+
+            run = partial(hrr_bind._launch, a, b, False, values)
+            error = ((run() - expected).abs().max() / expected.abs().max()).item()
+            ms = time_fn(run, device, repeat=args.repeat, streamed=True)
+            gbps = _gbps(pairs, dim, ms)
+            default = " (the default)" if values == hrr_bind.VALUES else ""
+            rows.append(BenchRow(op="bind_sweep", impl="optimized:cuda-fused", params=params, ms=ms,
+                                 dispatch="cuda-fused", throughput=f"{gbps:.0f} GB/s",
+                                 floor_fraction=gbps / copy_gbps,
+                                 note=f"{ms / torch_ms:.2f}x torch.fft's time; max |Δ| / max |c| {error:.1e}{default}"))
+    return rows
