@@ -43,6 +43,11 @@ def _inputs(batch: int, dim: int, n_state: int, length: int, dtype: torch.dtype,
             randn(batch, n_state, length), D, randn(batch, dim, length), delta_bias)
 
 
+def _device_ms(fn: Callable[[], object], args: BenchArgs) -> float:
+    """`time_fn` as every CUDA row here is timed: streamed (calls back to back, CUDA events; plain on a CPU)."""
+    return time_fn(fn, args.device, repeat=args.repeat, streamed=True)
+
+
 def _floor_bytes(batch: int, dim: int, n_state: int, length: int, dtype: torch.dtype, gate: bool = True) -> int:
     size = torch.empty((), dtype=dtype).element_size()
     # u, delta, z, out (B, D, L); B, C (B, N, L)
@@ -71,26 +76,22 @@ def _rows_at(args: BenchArgs, batch: int, dim: int, n_state: int, length: int, d
                 torch.cuda.synchronize(device)
             ref_ms = (time.perf_counter() - start) * 1e3
             rows.append(row("reference", ref_ms, "python-loop", "run once"))
-        ms = time_fn(lambda: opt.selective_scan(u, delta, A, B, C, D, z, delta_bias, True), device,
-                     repeat=args.repeat, streamed=True)
+        ms = _device_ms(lambda: opt.selective_scan(u, delta, A, B, C, D, z, delta_bias, True), args)
         note = f"{ref_ms / ms:.1f}x reference" if ref_ms is not None else ""
         rows.append(row("optimized", ms, opt.scan_dispatch(u), note))
         if device.type == "cpu" and opt.scan_dispatch(u) != "torch-chunked":
-            ms = time_fn(lambda: opt.chunked_scan(u, delta, A, B, C, D, z, delta_bias, True, None), device,
-                         repeat=args.repeat, streamed=True)
+            ms = _device_ms(lambda: opt.chunked_scan(u, delta, A, B, C, D, z, delta_bias, True, None), args)
             note = f"{ref_ms / ms:.1f}x reference" if ref_ms is not None else ""
             rows.append(row("optimized:torch-chunked", ms, "torch-chunked", note))
         if device.type == "cuda":
             mamba_fn = opt._load_mamba_ssm()[0]
             mamba_ms = None
             if mamba_fn is not None:
-                mamba_ms = time_fn(lambda: mamba_fn(u, delta, A, B, C, D, z, delta_bias, True), device,
-                                   repeat=args.repeat, streamed=True)
+                mamba_ms = _device_ms(lambda: mamba_fn(u, delta, A, B, C, D, z, delta_bias, True), args)
                 rows.append(row("peer:mamba_ssm", mamba_ms, "mamba_ssm.cuda"))
             from optimized.kernels.selective_scan import selective_scan_triton
 
-            ms = time_fn(lambda: selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, True), device,
-                         repeat=args.repeat, streamed=True)
+            ms = _device_ms(lambda: selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, True), args)
             note = (f"{ms / mamba_ms:.2f}x mamba_ssm time" if mamba_ms is not None
                     else f"mamba_ssm absent: {opt.mamba_ssm_unavailable_reason()}")
             rows.append(row("optimized:triton", ms, "triton", note))
@@ -99,11 +100,9 @@ def _rows_at(args: BenchArgs, batch: int, dim: int, n_state: int, length: int, d
             rows.append(row("optimized:triton", synced, "triton", "synchronised after each call (launcher included)"))
             mamba_plain_ms = None
             if mamba_fn is not None:
-                mamba_plain_ms = time_fn(lambda: mamba_fn(u, delta, A, B, C, D, None, delta_bias, True), device,
-                                         repeat=args.repeat, streamed=True)
+                mamba_plain_ms = _device_ms(lambda: mamba_fn(u, delta, A, B, C, D, None, delta_bias, True), args)
                 rows.append(row("peer:mamba_ssm", mamba_plain_ms, "mamba_ssm.cuda", "without z", gate=False))
-            ms = time_fn(lambda: selective_scan_triton(u, delta, A, B, C, D, None, delta_bias, True), device,
-                         repeat=args.repeat, streamed=True)
+            ms = _device_ms(lambda: selective_scan_triton(u, delta, A, B, C, D, None, delta_bias, True), args)
             note = "without the gate z (the issue's floor case)" + (
                 f"; {ms / mamba_plain_ms:.2f}x mamba_ssm time" if mamba_plain_ms is not None else "")
             rows.append(row("optimized:triton", ms, "triton", note, gate=False))
@@ -153,7 +152,7 @@ def _training_rows(args: BenchArgs, params: str, inputs: tuple[torch.Tensor, ...
     if timed[0][2] != "torch-chunked":
         timed.append(("optimized:torch-chunked fwd+bwd", chunked, "torch-chunked"))
     for impl, fn, dispatch in timed:
-        ms = time_fn(step(fn), args.device, repeat=args.repeat, streamed=True)
+        ms = _device_ms(step(fn), args)
         rows.append(BenchRow(op=OP, impl=impl, params=params, ms=ms, dispatch=dispatch,
                              note=f"{ref_ms / ms:.1f}x reference" if ref_ms is not None else ""))
     from optimized.kernels import kernel_available
@@ -168,7 +167,7 @@ def _training_rows(args: BenchArgs, params: str, inputs: tuple[torch.Tensor, ...
             return selective_scan_triton_autograd(u, delta, A, B, C, D, z, bias, True, None)[0]
 
         with mock.patch.dict(os.environ, {"MEMARCH_SCAN_BACKWARD": "triton"}):
-            ms = time_fn(step(triton_both), args.device, repeat=args.repeat, streamed=True)
+            ms = _device_ms(step(triton_both), args)
         default_ms = rows[-len(timed)].ms
         rows.append(BenchRow(op=OP, impl="optimized:triton fwd+bwd (Triton backward)", params=params, ms=ms,
                              dispatch="triton", note=f"{default_ms / ms:.2f}x the default fwd+bwd's speed"))
@@ -235,7 +234,7 @@ def bench_scan_sweep(args: BenchArgs) -> list[BenchRow]:
                 f" stages={stages} (pipelined)" if stages else "")
             try:
                 error = (call() - expected).abs().max().item()
-                ms = time_fn(call, args.device, repeat=args.repeat, streamed=True)
+                ms = _device_ms(call, args)
             except Exception as failure:  # a configuration that does not compile or run: reported, not fatal
                 rows.append(BenchRow(op="scan_sweep", impl="optimized:triton", ms=float("nan"), params=params,
                                      dispatch="triton", note=f"failed: {type(failure).__name__}: {failure}"[:200]))
