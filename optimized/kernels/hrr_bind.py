@@ -26,6 +26,7 @@ import ctypes
 import functools
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -55,7 +56,15 @@ def _nvcc() -> str | None:
 @functools.cache
 def _library(capability: tuple[int, int], values: int = VALUES) -> tuple[ctypes.CDLL | None, str]:
     """The compiled kernel for one compute capability (and `values` per thread), or None and the reason it
-    cannot be had."""
+    cannot be had (said once per process, as a warning: binding then runs torch.fft)."""
+    library, reason = _build(capability, values)
+    if library is None:
+        warnings.warn(f"memarch: the fused CUDA bind kernel is unavailable ({reason}); bind/unbind use torch.fft",
+                      RuntimeWarning, stacklevel=2)
+    return library, reason
+
+
+def _build(capability: tuple[int, int], values: int) -> tuple[ctypes.CDLL | None, str]:
     nvcc = _nvcc()
     if nvcc is None:
         return None, "nvcc not found (set NVCC or CUDA_HOME, or put nvcc on the PATH)"
