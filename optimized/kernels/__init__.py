@@ -5,6 +5,7 @@ is how CI exercises them."""
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.util
 import os
@@ -65,19 +66,28 @@ def cache_dir() -> Path:
 
 
 def compile_library(compiler: str, flags: list[str], source: Path, stem: str, timeout: float = 120,
-                    depends: tuple[Path, ...] = ()) -> tuple[Path | None, str]:
+                    depends: tuple[Path, ...] = ()) -> tuple[ctypes.CDLL | None, str]:
     """`compiler *flags source -o <cache_dir>/<stem>-<hash>.so` unless that file exists (the hash covers the
     source, the files it includes (`depends`), the compiler and the flags, so a changed source or machine
-    rebuilds): the library's path, or None and why it could not be built. The file appears atomically, so
-    concurrent builders never load half of one."""
+    rebuilds), loaded with ctypes: the library, or None and why it could not be built or loaded. The file appears
+    atomically, so concurrent builders never load half of one."""
     try:
         text = b"".join(path.read_bytes() for path in (source, *depends))
     except OSError as error:
         return None, f"cannot read {source} or what it includes: {error}"
     key = hashlib.sha256(text + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
     target = cache_dir() / f"{stem}-{key}.so"
-    if target.exists():
-        return target, ""
+    if not target.exists():
+        built, reason = _compile(compiler, flags, source, target, timeout)
+        if not built:
+            return None, reason
+    try:
+        return ctypes.CDLL(str(target)), ""
+    except OSError as error:
+        return None, f"loading {target} failed: {error}"
+
+
+def _compile(compiler: str, flags: list[str], source: Path, target: Path, timeout: float) -> tuple[bool, str]:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
@@ -85,8 +95,8 @@ def compile_library(compiler: str, flags: list[str], source: Path, stem: str, ti
             result = subprocess.run([compiler, *flags, str(source), "-o", str(built)], capture_output=True,
                                     text=True, timeout=timeout)
             if result.returncode != 0:
-                return None, f"{compiler} failed on {source.name}: {result.stderr.strip()[-500:]}"
+                return False, f"{compiler} failed on {source.name}: {result.stderr.strip()[-500:]}"
             os.replace(built, target)
     except (OSError, subprocess.SubprocessError) as error:
-        return None, f"building {source.name} in {target.parent} failed: {error}"
-    return target, ""
+        return False, f"building {source.name} in {target.parent} failed: {error}"
+    return True, ""

@@ -78,13 +78,9 @@ def _try_build() -> tuple[tuple[ctypes.CDLL, ctypes.CDLL] | None, str]:
         return None, "no C compiler found (set CC, or install gcc or clang)"
     libraries = []
     for double in (0, 1):
-        target, reason = compile_library(compiler, [*_flags(), f"-DSCAN_DOUBLE={double}"], SOURCE, "cpu_scan")
-        if target is None:
+        library, reason = compile_library(compiler, [*_flags(), f"-DSCAN_DOUBLE={double}"], SOURCE, "cpu_scan")
+        if library is None:
             return None, reason
-        try:
-            library = ctypes.CDLL(str(target))
-        except OSError as error:
-            return None, f"loading {target} failed: {error}"
         i64, ptr, flag = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
         # batch, length, dim, nstate, groups, block, job_start, job_stop; u, delta, delta_bias; softplus; A (N, D);
         # B, b_shared; C, c_shared; D, z

@@ -70,13 +70,9 @@ def _build(capability: tuple[int, int], values: int) -> tuple[ctypes.CDLL | None
         return None, "nvcc not found (set NVCC or CUDA_HOME, or put nvcc on the PATH)"
     arch = f"sm_{capability[0]}{capability[1]}"
     flags = ["-O3", "-std=c++17", f"-arch={arch}", "-shared", "-Xcompiler", "-fPIC", f"-DHRR_VALUES={values}"]
-    target, reason = compile_library(nvcc, flags, SOURCE, f"hrr_bind-{arch}", timeout=300)
-    if target is None:
+    library, reason = compile_library(nvcc, flags, SOURCE, f"hrr_bind-{arch}", timeout=300)
+    if library is None:
         return None, reason
-    try:
-        library = ctypes.CDLL(str(target))
-    except OSError as error:
-        return None, f"loading {target} failed: {error}"
     ptr = ctypes.c_void_p
     # a, b, c, rows, D, conj_a, twiddles, stream
     library.memarch_hrr_bind.argtypes = [ptr, ptr, ptr, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ptr, ptr]
@@ -91,13 +87,9 @@ def _emulator(values: int = VALUES) -> tuple[ctypes.CDLL | None, str]:
     if compiler is None:
         return None, "no C++ compiler found (set CXX, or install g++ or clang++)"
     flags = ["-O2", "-std=c++20", "-pthread", "-shared", "-fPIC", f"-DHRR_VALUES={values}"]
-    target, reason = compile_library(compiler, flags, EMULATOR, "hrr_bind_emulate", depends=(SOURCE,))
-    if target is None:
+    library, reason = compile_library(compiler, flags, EMULATOR, "hrr_bind_emulate", depends=(SOURCE,))
+    if library is None:
         return None, reason
-    try:
-        library = ctypes.CDLL(str(target))
-    except OSError as error:
-        return None, f"loading {target} failed: {error}"
     ptr = ctypes.c_void_p
     library.memarch_hrr_bind_emulated.argtypes = [ptr, ptr, ptr, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ptr]
     library.memarch_hrr_bind_emulated.restype = ctypes.c_int
