@@ -22,7 +22,14 @@ from torch.autograd import DeviceType  # type: ignore[attr-defined]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.benchmarks import sync_device, time_fn
-from training.benchmarks.models import BENCH_VOCAB, COMPILE_MODES, model_config, parse_overrides, training_step
+from training.benchmarks.models import (
+    BENCH_VOCAB,
+    COMPILE_MODES,
+    model_config,
+    parse_overrides,
+    step_label,
+    training_step,
+)
 from training.device import resolve_device
 from training.registry import MODELS, build_model
 
@@ -69,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.autocast and device.type != "cuda":
         parser.error("--autocast profiles bf16 autocast on CUDA; this device is " + device.type)
     compile_mode = args.compile_mode
-    step = training_step(model, x, y, device=device, amp=args.autocast,
-                         compiled=args.compile or compile_mode is not None, compile_mode=compile_mode)
+    compiled = args.compile or compile_mode is not None
+    step = training_step(model, x, y, device=device, amp=args.autocast, compiled=compiled, compile_mode=compile_mode)
     for _ in range(3):  # warm up (and compile; CUDA graphs record on their second call)
         step()
     host, wall = host_and_wall_ms(step, device, repeat=5)
@@ -79,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         ms = time_fn(step, device, warmup=0, repeat=1)
-    label = (f"compile[{compile_mode}]" if compile_mode not in (None, "default") else
-             "compile" if args.compile or compile_mode else "eager") + ("+bf16" if args.autocast else "")
+    label = step_label(compiled, compile_mode, args.autocast)
     print(f"# {args.model} {args.impl} {label} B={args.batch_size} L={args.seq_len} on {device}: "
           f"{wall:.1f} ms per step ({ms:.1f} ms under the profiler)")
     # the host returns from a step once it has queued the step's kernels: a step whose host time is close to its

@@ -53,6 +53,12 @@ def model_config(name: str, overrides: dict[str, Any] | None = None) -> Any:
 REFERENCE_WARMUP_LEN = 128  # the reference models' warm-up step length (see `time_training_step`)
 
 
+def step_label(compiled: bool, compile_mode: str | None, amp: bool) -> str:
+    """A training step's row label: eager, compile or compile[mode] (a mode other than the default), +bf16."""
+    mode = f"[{compile_mode}]" if compile_mode not in (None, "default") else ""
+    return (f"compile{mode}" if compiled else "eager") + ("+bf16" if amp else "")
+
+
 def training_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torch.device, amp: bool,
                   compiled: bool, compile_mode: str | None = None) -> Callable[..., None]:
     """One forward + backward + AdamW step of `model` on (x, y) (or on the (x, y) it is called with) as a
@@ -115,8 +121,7 @@ def bench_model(name: str, args: BenchArgs, *, seq_lens: Sequence[int], batch_si
         torch.manual_seed(0)
         reference = impl == "reference"
         compile_mode = args.extra.get("compile_mode")
-        dispatch = (("compile" + (f"[{compile_mode}]" if compile_mode not in (None, "default") else ""))
-                    if compiled else "eager") + ("+bf16" if amp else "")
+        dispatch = step_label(compiled, compile_mode, amp)
         batch = max(1, tokens_per_step // L) if tokens_per_step else batch_size
         params = f"B={batch} L={L}"
         try:
