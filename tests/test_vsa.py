@@ -280,7 +280,7 @@ def test_bind_unbind_on_cuda_match_reference(dtype: torch.dtype, mode: str) -> N
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dim", [512, 1024, 2048, 4096])
+@pytest.mark.parametrize("dim", [512, 1024, 2048, 4096, 8192])
 def test_fused_cuda_bind_and_unbind_match_reference(dim: int) -> None:
     """The fused kernel (`optimized/kernels/hrr_bind.cu`) at every D it takes, a batch of (2, 3) rows (an odd
     count: the last block has one row): outputs and gradients of bind and unbind against the float64 reference,
@@ -296,14 +296,14 @@ def test_fused_cuda_bind_and_unbind_match_reference(dim: int) -> None:
 
 @pytest.mark.gpu
 def test_fused_cuda_bind_leaves_what_it_does_not_take_to_torch_fft(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Broadcast shapes, bf16, D outside 512..4096 or not a power of two, and `MEMARCH_DISABLE_KERNELS=bind` keep
+    """Broadcast shapes, bf16, D outside 512..8192 or not a power of two, and `MEMARCH_DISABLE_KERNELS=bind` keep
     the torch.fft path; non-contiguous operands of one shape take the kernel (it copies them)."""
     x = torch.randn(4, 1024, device="cuda")
     assert opt.bind_dispatch(x, x[:1]) == "torch.fft"
     assert opt.bind_dispatch(x.bfloat16(), x.bfloat16()) == "torch.fft"
     assert opt.bind_dispatch(x[:, :256], x[:, :256]) == "torch.fft"
     assert opt.bind_dispatch(x[:, :1000], x[:, :1000]) == "torch.fft"
-    long = torch.randn(2, 8192, device="cuda")
+    long = torch.randn(2, 16384, device="cuda")
     assert opt.bind_dispatch(long, long) == "torch.fft"
     strided = torch.randn(1024, 4, device="cuda").t()  # (4, 1024), not contiguous
     assert opt.bind_dispatch(strided, x) == "cuda-fused"
@@ -313,13 +313,14 @@ def test_fused_cuda_bind_leaves_what_it_does_not_take_to_torch_fft(monkeypatch: 
     assert opt.bind_dispatch(x, x) == "torch.fft"
 
 
-@pytest.mark.parametrize(("dim", "values"), [(512, 16), (1024, 16), (2048, 16), (4096, 16), (512, 4), (2048, 8)])
+@pytest.mark.parametrize(("dim", "values"), [(512, 0), (1024, 0), (2048, 0), (4096, 0), (8192, 0), (512, 4),
+                                             (2048, 8), (1024, 32)])
 def test_fused_bind_kernel_compiled_for_the_cpu_matches_reference(dim: int, values: int,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The CUDA kernel's source run on the CPU (`hrr_bind_emulate.cpp`: a std::thread per CUDA thread, a barrier per
     __syncthreads): bind and unbind, outputs and gradients (which run the kernel again) against the float64
-    reference, at every D the GPU dispatch takes, and the builds with 4 and 8 values per thread that
-    `--op bind_sweep` times; 3 rows, so the last block has one."""
+    reference, at every D the GPU dispatch takes with the default build (0: 16 values per thread, 32 at 8192), and
+    builds with 4, 8 and 32 values per thread that `--op bind_sweep` times; 3 rows, so the last block has one."""
     from optimized.kernels import hrr_bind
 
     if hrr_bind.emulator_unavailable_reason():
@@ -330,6 +331,32 @@ def test_fused_bind_kernel_compiled_for_the_cpu_matches_reference(dim: int, valu
     assert_equivalent(ref.unbind, lambda c, key: hrr_bind.fused_bind(key, c, True), (b, a), dtype=torch.float32)
 
 
+def test_fused_bind_kernel_takes_operands_not_aligned_to_16_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first stage loads four floats at a time (16-byte vectors): operands that start 4 bytes into their storage
+    (a contiguous slice) reach the kernel copied to aligned memory (the pointers it gets are 16-byte aligned; on a
+    GPU a misaligned vector load faults), and the result is the reference's."""
+    from optimized.kernels import hrr_bind
+
+    if hrr_bind.emulator_unavailable_reason():
+        pytest.skip(hrr_bind.emulator_unavailable_reason())
+    library = hrr_bind._emulator()[0]
+    pointers: list[int] = []
+
+    class Spy:
+        def memarch_hrr_bind_emulated(self, x: int, y: int, *rest: Any) -> int:
+            pointers.extend([x, y])
+            return int(library.memarch_hrr_bind_emulated(x, y, *rest))
+
+    monkeypatch.setattr(hrr_bind, "_emulator", lambda values=0: (Spy(), ""))
+    storage = torch.randn(3 * 1024 + 1, generator=torch.Generator().manual_seed(0)) / 32
+    a = storage[1:].view(3, 1024)
+    b = make_tensor((3, 1024), 1).float()
+    assert a.is_contiguous() and a.data_ptr() % 16 != 0
+    expect = ref.bind(a.double(), b.double())
+    assert (hrr_bind.fused_bind(a, b).double() - expect).abs().max() <= 1e-5 * expect.abs().max()
+    assert len(pointers) == 2 and all(pointer % 16 == 0 for pointer in pointers), pointers
+
+
 @pytest.mark.gpu
 def test_bind_sweep_benchmark_on_cuda_times_every_build_against_torch_fft() -> None:
     from training.benchmarks import BenchArgs, discover
@@ -337,9 +364,9 @@ def test_bind_sweep_benchmark_on_cuda_times_every_build_against_torch_fft() -> N
     rows = discover()["bind_sweep"](BenchArgs(device=torch.device("cuda"), quick=True, repeat=1))
     assert rows[0].impl == "peer:copy"
     fused = [row for row in rows if row.impl == "optimized:cuda-fused"]
-    assert len(fused) == 9 and all(row.ms > 0 and "torch.fft's time" in row.note for row in fused), fused
+    assert len(fused) == 12 and all(row.ms > 0 and "torch.fft's time" in row.note for row in fused), fused
     assert all(float(row.note.split("max |Δ| / max |c| ")[1].split()[0]) <= 1e-5 for row in fused)
-    assert sum("(the default)" in row.note for row in fused) == 3
+    assert sum("(the default)" in row.note for row in fused) == 4
 
 
 def test_bind_sweep_has_no_rows_on_the_cpu() -> None:
@@ -369,7 +396,7 @@ def test_fused_bind_kernel_compiles_for_sm90_without_local_memory(tmp_path: Any,
                              "-o", str(tmp_path / "hrr_bind.cubin")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     frames = re.findall(r"(\d+) bytes stack frame", result.stderr)
-    assert len(frames) == 4 and all(frame == "0" for frame in frames), result.stderr
+    assert len(frames) == 10 and all(frame == "0" for frame in frames), result.stderr  # 5 D x bind/unbind
 
 
 def test_fused_bind_says_why_it_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,7 +2,7 @@
 writing c once, where `torch.fft` makes three memory passes and complex intermediates (specs/vsa.md, "The fused
 CUDA kernel").
 
-Scope: CUDA float32 operands of the same shape with the last dimension D ∈ {512, 1024, 2048, 4096}
+Scope: CUDA float32 operands of the same shape with the last dimension D ∈ {512, 1024, 2048, 4096, 8192}
 (`fused_bind_supported`); everything else keeps `optimized.vsa`'s torch.fft path. Gradients go through the same
 kernel (the adjoint of a convolution is a correlation and vice versa). `MEMARCH_DISABLE_KERNELS=bind` switches
 the kernel off.
@@ -36,12 +36,14 @@ from torch import Tensor
 
 from optimized.kernels import compile_library, eager, kernels_disabled
 
-__all__ = ["SUPPORTED_DIMS", "emulator_unavailable_reason", "fused_bind", "fused_bind_supported", "unavailable_reason"]
+__all__ = ["SUPPORTED_DIMS", "default_values", "emulator_unavailable_reason", "fused_bind", "fused_bind_supported",
+           "unavailable_reason"]
 
 SOURCE = Path(__file__).with_name("hrr_bind.cu")
 EMULATOR = Path(__file__).with_name("hrr_bind_emulate.cpp")
-VALUES = 16  # values per thread and largest radix (hrr_bind.cu's HRR_VALUES); `--op bind_sweep` times 4, 8, 16
-SUPPORTED_DIMS = (512, 1024, 2048, 4096)  # at 8192 it was slower than torch.fft on an H200 (specs/vsa.md)
+SUPPORTED_DIMS = (512, 1024, 2048, 4096, 8192)
+# `values` below: values per thread and largest radix for every D (hrr_bind.cu's HRR_VALUES: 4, 8, 16 or 32), for
+# `--op bind_sweep`; 0, the default, takes the kernel's own choice per D (`default_values`)
 
 
 def _nvcc() -> str | None:
@@ -54,7 +56,7 @@ def _nvcc() -> str | None:
 
 
 @functools.cache
-def _library(capability: tuple[int, int], values: int = VALUES) -> tuple[ctypes.CDLL | None, str]:
+def _library(capability: tuple[int, int], values: int = 0) -> tuple[ctypes.CDLL | None, str]:
     """The compiled kernel for one compute capability (and `values` per thread), or None and the reason it
     cannot be had (said once per process, as a warning: binding then runs torch.fft)."""
     library, reason = _build(capability, values)
@@ -64,12 +66,18 @@ def _library(capability: tuple[int, int], values: int = VALUES) -> tuple[ctypes.
     return library, reason
 
 
+def _values_flag(values: int) -> list[str]:
+    if values not in (0, 4, 8, 16, 32):
+        raise ValueError(f"values per thread must be 4, 8, 16 or 32 (or 0: the kernel's choice), not {values}")
+    return [f"-DHRR_VALUES={values}"] if values else []
+
+
 def _build(capability: tuple[int, int], values: int) -> tuple[ctypes.CDLL | None, str]:
     nvcc = _nvcc()
     if nvcc is None:
         return None, "nvcc not found (set NVCC or CUDA_HOME, or put nvcc on the PATH)"
     arch = f"sm_{capability[0]}{capability[1]}"
-    flags = ["-O3", "-std=c++17", f"-arch={arch}", "-shared", "-Xcompiler", "-fPIC", f"-DHRR_VALUES={values}"]
+    flags = ["-O3", "-std=c++17", f"-arch={arch}", "-shared", "-Xcompiler", "-fPIC", *_values_flag(values)]
     library, reason = compile_library(nvcc, flags, SOURCE, f"hrr_bind-{arch}", timeout=300)
     if library is None:
         return None, reason
@@ -81,12 +89,12 @@ def _build(capability: tuple[int, int], values: int) -> tuple[ctypes.CDLL | None
 
 
 @functools.cache
-def _emulator(values: int = VALUES) -> tuple[ctypes.CDLL | None, str]:
+def _emulator(values: int = 0) -> tuple[ctypes.CDLL | None, str]:
     """`hrr_bind_emulate.cpp` (the kernel compiled for the CPU, a thread per CUDA thread), or None and why not."""
     compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
     if compiler is None:
         return None, "no C++ compiler found (set CXX, or install g++ or clang++)"
-    flags = ["-O2", "-std=c++20", "-pthread", "-shared", "-fPIC", f"-DHRR_VALUES={values}"]
+    flags = ["-O2", "-std=c++20", "-pthread", "-shared", "-fPIC", *_values_flag(values)]
     library, reason = compile_library(compiler, flags, EMULATOR, "hrr_bind_emulate", depends=(SOURCE,))
     if library is None:
         return None, reason
@@ -94,6 +102,14 @@ def _emulator(values: int = VALUES) -> tuple[ctypes.CDLL | None, str]:
     library.memarch_hrr_bind_emulated.argtypes = [ptr, ptr, ptr, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ptr]
     library.memarch_hrr_bind_emulated.restype = ctypes.c_int
     return library, ""
+
+
+def default_values(dim: int) -> int:
+    """Values per thread of the kernel's default build at D = `dim` (0 for a D it does not take, or where neither
+    the CUDA build nor the emulator builds)."""
+    library = _library(torch.cuda.get_device_capability())[0] if torch.cuda.is_available() else None
+    library = library or _emulator()[0]
+    return int(library.memarch_hrr_values(dim)) if library is not None else 0
 
 
 def emulator_unavailable_reason() -> str:
@@ -126,9 +142,11 @@ def _twiddles(dim: int, device: torch.device) -> Tensor:
     return torch.stack([angle.cos(), -angle.sin()], dim=-1).to(device=device, dtype=torch.float32).contiguous()
 
 
-def _launch(x: Tensor, y: Tensor, conj_x: bool, values: int = VALUES) -> Tensor:
+def _launch(x: Tensor, y: Tensor, conj_x: bool, values: int = 0) -> Tensor:
     """irfft(op(rfft(x))·rfft(y)) over the last dimension, op = conj when `conj_x`; `values` picks the build."""
-    x, y = x.contiguous(), y.contiguous()
+    # contiguous, and 16-byte aligned for the first stage's vector loads (a slice can start mid-vector: copied)
+    x, y = (t.contiguous() if t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
+            for t in (x, y))
     out = torch.empty_like(x)
     rows, dim = x.numel() // x.shape[-1], x.shape[-1]
     if rows == 0:

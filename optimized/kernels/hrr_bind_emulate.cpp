@@ -8,13 +8,20 @@
 #include <thread>
 #include <vector>
 
+struct float2 {
+  float x, y;
+};
+struct float4 {
+  float x, y, z, w;
+};
+
 namespace {
 struct Index {
   unsigned x = 0;
 };
 thread_local Index threadIdx, blockIdx;
 thread_local std::barrier<>* hrr_emulated_barrier = nullptr;
-thread_local float* hrr_emulated_shared = nullptr;
+thread_local float2* hrr_emulated_shared = nullptr;
 }  // namespace
 
 #define __global__
@@ -25,9 +32,6 @@ thread_local float* hrr_emulated_shared = nullptr;
 #define __restrict__
 #define HRR_EMULATE 1
 
-struct float2 {
-  float x, y;
-};
 inline float2 make_float2(float x, float y) { return {x, y}; }
 template <class T>
 inline T __ldg(const T* p) { return *p; }
@@ -36,10 +40,10 @@ inline void __syncthreads() { hrr_emulated_barrier->arrive_and_wait(); }
 #include "hrr_bind.cu"
 
 namespace {
-template <int D>
-void emulate(const float* a, const float* b, float* c, long long rows, const float2* tw, int conj_a) {
-  constexpr int threads = D / V;
-  std::vector<float> shared(4 * (D + D / 32));
+template <int D, bool CONJ>
+void emulate(const float* a, const float* b, float* c, long long rows, const float2* tw) {
+  constexpr int threads = D / values_for<D>;
+  std::vector<float2> shared(shared_floats<D> / 2);
   for (long long block = 0; block < (rows + 1) / 2; ++block) {
     std::barrier<> barrier(threads);
     std::vector<std::thread> pool;
@@ -49,10 +53,19 @@ void emulate(const float* a, const float* b, float* c, long long rows, const flo
         blockIdx.x = static_cast<unsigned>(block);
         hrr_emulated_barrier = &barrier;
         hrr_emulated_shared = shared.data();
-        hrr_bind_pair_kernel<D>(a, b, c, tw, conj_a, rows);
+        hrr_bind_pair_kernel<D, CONJ>(a, b, c, tw, rows);
       });
     }
     for (auto& thread : pool) thread.join();
+  }
+}
+
+template <int D>
+void emulate(const float* a, const float* b, float* c, long long rows, const float2* tw, int conj_a) {
+  if (conj_a) {
+    emulate<D, true>(a, b, c, rows, tw);
+  } else {
+    emulate<D, false>(a, b, c, rows, tw);
   }
 }
 }  // namespace
@@ -66,6 +79,7 @@ extern "C" int memarch_hrr_bind_emulated(const float* a, const float* b, float* 
     case 1024: emulate<1024>(a, b, c, rows, w, conj_a); return 0;
     case 2048: emulate<2048>(a, b, c, rows, w, conj_a); return 0;
     case 4096: emulate<4096>(a, b, c, rows, w, conj_a); return 0;
+    case 8192: emulate<8192>(a, b, c, rows, w, conj_a); return 0;
     default: return -1;
   }
 }

@@ -117,10 +117,11 @@ def bench_unbind(args: BenchArgs) -> list[BenchRow]:
 
 @register("bind_sweep")
 def bench_bind_sweep(args: BenchArgs) -> list[BenchRow]:
-    """CUDA only (no rows on CPU): the fused bind kernel built with 4, 8 and 16 values per thread
+    """CUDA only (no rows on CPU): the fused bind kernel built with 8, 16 and 32 values per thread
     (`hrr_bind.cu`'s HRR_VALUES: fewer values, fewer registers and more threads, but more shared-memory stages)
-    at D ∈ {1024, 2048, 4096}, 256 MiB per operand (16 with --quick), each checked against torch.fft on the same
-    operands and timed beside torch.fft in the same run; for choosing `hrr_bind.VALUES` on a new GPU."""
+    at D ∈ {1024, 2048, 4096, 8192}, 256 MiB per operand (16 with --quick), each checked against torch.fft on the
+    same operands and timed beside torch.fft in the same run; the notes mark the kernel's default per D
+    (`hrr_bind.default_values`), for choosing it on a new GPU."""
     if args.device.type != "cuda":
         return []
     from optimized.kernels import hrr_bind
@@ -128,7 +129,7 @@ def bench_bind_sweep(args: BenchArgs) -> list[BenchRow]:
     device = args.device
     row, copy_gbps = copy_row("bind_sweep", device, args.repeat, streamed=True)
     rows = [row]
-    for dim in (1024, 2048, 4096):
+    for dim in (1024, 2048, 4096, 8192):
         pairs = (16 if args.quick else 256) * MIB // (4 * dim)
         a, b = _operands(pairs, dim, device)
         expected = opt.torch_fft_bind(a, b)
@@ -136,7 +137,7 @@ def bench_bind_sweep(args: BenchArgs) -> list[BenchRow]:
         rows.append(BenchRow(op="bind_sweep", impl="optimized:torch.fft", params=f"D={dim} pairs={pairs} fp32",
                              ms=torch_ms, dispatch="torch.fft", throughput=f"{_gbps(pairs, dim, torch_ms):.0f} GB/s",
                              floor_fraction=_gbps(pairs, dim, torch_ms) / copy_gbps))
-        for values in (4, 8, 16):
+        for values in (8, 16, 32):
             params = f"D={dim} pairs={pairs} fp32 values={values}"
             reason = hrr_bind._library(torch.cuda.get_device_capability(device), values)[1]
             if reason:
@@ -148,7 +149,7 @@ def bench_bind_sweep(args: BenchArgs) -> list[BenchRow]:
             error = ((run() - expected).abs().max() / expected.abs().max()).item()
             ms = time_fn(run, device, repeat=args.repeat, streamed=True)
             gbps = _gbps(pairs, dim, ms)
-            default = " (the default)" if values == hrr_bind.VALUES else ""
+            default = " (the default)" if values == hrr_bind.default_values(dim) else ""
             rows.append(BenchRow(op="bind_sweep", impl="optimized:cuda-fused", params=params, ms=ms,
                                  dispatch="cuda-fused", throughput=f"{gbps:.0f} GB/s",
                                  floor_fraction=gbps / copy_gbps,
