@@ -3,16 +3,17 @@
 // a and b once and writes c once. specs/vsa.md ("The fused CUDA kernel") states the algorithm; hrr_bind.py
 // builds this file with nvcc and calls `memarch_hrr_bind` through ctypes.
 //
-// One thread block per two rows, D/V threads (V = HRR_VALUES values per thread, 16 by default). A row's two real
-// operands travel as one complex sequence z = a + i·b: one complex FFT of length D gives both spectra
-// (A_k = (Z_k + conj Z_{D-k})/2, B_k = (Z_k - conj Z_{D-k})/2i). Their product C_k is Hermitian, so the two rows'
-// products are packed as W = C0 + i·C1, whose one inverse FFT is c0 + i·c1: three FFTs per two rows. Each FFT is
-// a Stockham autosort FFT (Govindaraju et al., SC 2008): radix-V stages (then one smaller radix for the rest of
-// D), each thread holding V values in registers per stage and doing its small DFTs there (radix-2 decimation in
-// frequency), shared memory between stages (complex values as float2, one pad slot per 16). The forward FFTs'
-// first stage reads a and b straight from global memory, the inverse's last stage writes c straight to it, both
-// coalesced. Twiddles W_D^m: per item and stage, log2(radix) of them from a table the caller computes in float64
-// and rounds to float32, the rest their products in registers (a load per twiddle made the L1 the bottleneck).
+// One thread block per two rows, D/V threads (V values per thread: `values_for`). A row's two real operands travel
+// as one complex sequence z = a + i·b: one complex FFT of length D gives both spectra (A_k = (Z_k + conj Z_{D-k})/2,
+// B_k = (Z_k - conj Z_{D-k})/2i). Their product C_k is Hermitian, so the two rows' products are packed as
+// W = C0 + i·C1, whose one inverse FFT is c0 + i·c1: three FFTs per two rows, in one shared FFT workspace plus half
+// of row 0's product. Each FFT is a Stockham autosort FFT (Govindaraju et al., SC 2008): radix-V stages (the
+// forward one's first smaller where that lets it load vectors, the last the remainder of D), each thread holding V
+// values in registers per stage and doing its small DFTs there (radix-2 decimation in frequency), shared memory
+// between stages (complex values as float2, one pad slot per V). The forward FFTs' first stage reads a and b
+// straight from global memory, the inverse's last stage writes c straight to it, both coalesced. Twiddles W_D^m:
+// per item and stage, log2(radix) of them from a table the caller computes in float64 and rounds to float32, the
+// rest their products in registers (a load per twiddle made the L1 the bottleneck).
 
 #ifdef HRR_EMULATE
 // compiled for the CPU by hrr_bind_emulate.cpp (tests): it defines the CUDA names used below
