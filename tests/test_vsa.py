@@ -340,6 +340,7 @@ def test_fused_bind_kernel_takes_operands_not_aligned_to_16_bytes(monkeypatch: p
     if hrr_bind.emulator_unavailable_reason():
         pytest.skip(hrr_bind.emulator_unavailable_reason())
     library = hrr_bind._emulator()[0]
+    assert library is not None
     pointers: list[int] = []
 
     class Spy:
