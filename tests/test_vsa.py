@@ -341,12 +341,13 @@ def test_fused_bind_kernel_takes_operands_not_aligned_to_16_bytes(monkeypatch: p
         pytest.skip(hrr_bind.emulator_unavailable_reason())
     library = hrr_bind._emulator()[0]
     assert library is not None
+    emulated = library.memarch_hrr_bind_emulated
     pointers: list[int] = []
 
     class Spy:
         def memarch_hrr_bind_emulated(self, x: int, y: int, *rest: Any) -> int:
             pointers.extend([x, y])
-            return int(library.memarch_hrr_bind_emulated(x, y, *rest))
+            return int(emulated(x, y, *rest))
 
     monkeypatch.setattr(hrr_bind, "_emulator", lambda values=0: (Spy(), ""))
     storage = torch.randn(3 * 1024 + 1, generator=torch.Generator().manual_seed(0)) / 32
