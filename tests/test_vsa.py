@@ -331,34 +331,6 @@ def test_fused_bind_kernel_compiled_for_the_cpu_matches_reference(dim: int, valu
     assert_equivalent(ref.unbind, lambda c, key: hrr_bind.fused_bind(key, c, True), (b, a), dtype=torch.float32)
 
 
-def test_fused_bind_kernel_takes_operands_not_aligned_to_16_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The first stage loads four floats at a time (16-byte vectors): operands that start 4 bytes into their storage
-    (a contiguous slice) reach the kernel copied to aligned memory (the pointers it gets are 16-byte aligned; on a
-    GPU a misaligned vector load faults), and the result is the reference's."""
-    from optimized.kernels import hrr_bind
-
-    if hrr_bind.emulator_unavailable_reason():
-        pytest.skip(hrr_bind.emulator_unavailable_reason())
-    library = hrr_bind._emulator()[0]
-    assert library is not None
-    emulated = library.memarch_hrr_bind_emulated
-    pointers: list[int] = []
-
-    class Spy:
-        def memarch_hrr_bind_emulated(self, x: int, y: int, *rest: Any) -> int:
-            pointers.extend([x, y])
-            return int(emulated(x, y, *rest))
-
-    monkeypatch.setattr(hrr_bind, "_emulator", lambda values=0: (Spy(), ""))
-    storage = torch.randn(3 * 1024 + 1, generator=torch.Generator().manual_seed(0)) / 32
-    a = storage[1:].view(3, 1024)
-    b = make_tensor((3, 1024), 1).float()
-    assert a.is_contiguous() and a.data_ptr() % 16 != 0
-    expect = ref.bind(a.double(), b.double())
-    assert (hrr_bind.fused_bind(a, b).double() - expect).abs().max() <= 1e-5 * expect.abs().max()
-    assert len(pointers) == 2 and all(pointer % 16 == 0 for pointer in pointers), pointers
-
-
 @pytest.mark.gpu
 def test_bind_sweep_benchmark_on_cuda_times_every_build_against_torch_fft() -> None:
     from training.benchmarks import BenchArgs, discover

@@ -7,13 +7,13 @@
 // as one complex sequence z = a + i·b: one complex FFT of length D gives both spectra (A_k = (Z_k + conj Z_{D-k})/2,
 // B_k = (Z_k - conj Z_{D-k})/2i). Their product C_k is Hermitian, so the two rows' products are packed as
 // W = C0 + i·C1, whose one inverse FFT is c0 + i·c1: three FFTs per two rows, in one shared FFT workspace plus half
-// of row 0's product. Each FFT is a Stockham autosort FFT (Govindaraju et al., SC 2008): radix-V stages (the
-// forward one's first smaller where that lets it load vectors, the last the remainder of D), each thread holding V
-// values in registers per stage and doing its small DFTs there (radix-2 decimation in frequency), shared memory
-// between stages (complex values as float2, one pad slot per V). The forward FFTs' first stage reads a and b
-// straight from global memory, the inverse's last stage writes c straight to it, both coalesced. Twiddles W_D^m:
-// per item and stage, log2(radix) of them from a table the caller computes in float64 and rounds to float32, the
-// rest their products in registers (a load per twiddle made the L1 the bottleneck).
+// of row 0's product. Each FFT is a Stockham autosort FFT (Govindaraju et al., SC 2008): radix-V stages (then one
+// smaller radix for the rest of D), each thread holding V values in registers per stage and doing its small DFTs
+// there (radix-2 decimation in frequency), shared memory between stages (complex values as float2, one pad slot
+// per V). The forward FFTs' first stage reads a and b straight from global memory, the inverse's last stage
+// writes c straight to it, both coalesced. Twiddles W_D^m: per item and stage, log2(radix) of them from a table
+// the caller computes in float64 and rounds to float32, the rest their products in registers (a load per twiddle
+// made the L1 the bottleneck).
 
 #ifdef HRR_EMULATE
 // compiled for the CPU by hrr_bind_emulate.cpp (tests): it defines the CUDA names used below
@@ -162,42 +162,11 @@ __device__ __forceinline__ void twiddles(float (&re)[V], float (&im)[V], const f
   }
 }
 
-// The number of stages of a length-d FFT whose first radix is r1, then v while v divides what is left, then the rest
-__host__ __device__ constexpr int stage_count(int d, int v, int r1) {
-  int n = 1;
-  for (int rest = d / r1; rest > 1; ++n) rest /= rest < v ? rest : v;
-  return n;
-}
-
-// Items per thread of the forward FFT's first stage, which reads a and b from global memory: 4 (or 2) consecutive
-// items j, so that a thread's loads are 16-byte (8-byte) vectors, where the smaller first radix (V/4, V/2) that
-// this takes adds no stage: 512 = 4·16·8, 1024 = 4·16·16, 2048 = 8·16·16, 8192 = 8·32·32; 4096 = 16·16·16 keeps
-// scalar loads. Scalar loads of 64 floats a thread kept the load queue full (ncu: "lg throttle", at D = 8192).
-template <int D, int V>
-constexpr int first_items = V >= 8 && stage_count(D, V, V / 4) <= stage_count(D, V, V)   ? 4
-                            : V >= 4 && stage_count(D, V, V / 2) <= stage_count(D, V, V) ? 2
-                                                                                         : 1;
-
-// VEC consecutive floats from p (aligned to 4 VEC bytes) in one load
-template <int VEC>
-__device__ __forceinline__ void load_vec(const float* __restrict__ p, float (&v)[VEC]) {
-  if constexpr (VEC == 4) {
-    const float4 x = __ldg(reinterpret_cast<const float4*>(p));
-    v[0] = x.x, v[1] = x.y, v[2] = x.z, v[3] = x.w;
-  } else if constexpr (VEC == 2) {
-    const float2 x = __ldg(reinterpret_cast<const float2*>(p));
-    v[0] = x.x, v[1] = x.y;
-  } else {
-    v[0] = __ldg(p);
-  }
-}
-
 // One Stockham stage of the length-D FFT: NS = the product of the earlier stages' radices, R this stage's radix.
-// Thread `tid` owns V/R items j: j = tid + it·D/V, or in the first forward stage (SRC_GLOBAL) j = tid·V/R + it;
-// item j's inputs x[j + r D/R] (r < R) sit in re/im[it R + r]. SRC_GLOBAL: the inputs come from a (real part)
-// and b (imaginary part), else from shared memory s; DST_GLOBAL: the outputs' real parts go to c (and their
-// imaginary parts to c1 unless it is null), else to s. SYNC: a barrier after the global loads, before the first
-// store to s (whose last contents others still read).
+// Thread `tid` owns V/R items j = tid + it·D/V; item j's inputs x[j + r D/R] (r < R) sit in re/im[it R + r].
+// SRC_GLOBAL: the inputs come from a (real part) and b (imaginary part), else from shared memory s; DST_GLOBAL:
+// the outputs' real parts go to c (and their imaginary parts to c1 unless it is null), else to s. SYNC: a
+// barrier after the global loads, before the first store to s (whose last contents others still read).
 template <int D, int V, int NS, int R, bool INV, bool SRC_GLOBAL, bool DST_GLOBAL, bool SYNC>
 __device__ __forceinline__ void stage(float2* s, const float* __restrict__ a, const float* __restrict__ b,
                                       float* __restrict__ c, float* __restrict__ c1, const float2* __restrict__ tw,
@@ -207,22 +176,17 @@ __device__ __forceinline__ void stage(float2* s, const float* __restrict__ a, co
   constexpr int P = pad_period<D, V>;
   static_assert(T % P == 0, "the padded offsets below need D/V to be a multiple of P");
   float re[V], im[V];
-  if constexpr (SRC_GLOBAL) {
+  const float2* src = s + pad<P>(tid);
+#pragma unroll
+  for (int it = 0; it < ITEMS; ++it) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      float ra[ITEMS], rb[ITEMS];
-      load_vec<ITEMS>(a + ITEMS * tid + r * (D / R), ra);
-      load_vec<ITEMS>(b + ITEMS * tid + r * (D / R), rb);
-#pragma unroll
-      for (int it = 0; it < ITEMS; ++it) re[it * R + r] = ra[it], im[it * R + r] = rb[it];
-    }
-  } else {
-    const float2* src = s + pad<P>(tid);
-#pragma unroll
-    for (int it = 0; it < ITEMS; ++it) {
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const float2 x = src[pad<P>(it * T + r * (D / R))];  // the offset is a multiple of P
+      const int off = it * T + r * (D / R);  // a multiple of P
+      if constexpr (SRC_GLOBAL) {
+        re[it * R + r] = __ldg(a + tid + off);
+        im[it * R + r] = __ldg(b + tid + off);
+      } else {
+        const float2 x = src[pad<P>(off)];
         re[it * R + r] = x.x;
         im[it * R + r] = x.y;
       }
@@ -233,8 +197,8 @@ __device__ __forceinline__ void stage(float2* s, const float* __restrict__ a, co
   small_dfts<V, R, INV, 0>(re, im);
 #pragma unroll
   for (int it = 0; it < ITEMS; ++it) {
-    const int j = SRC_GLOBAL ? ITEMS * tid + it : tid + it * T;
-    // in the last stage j < D/R = NS
+    const int j = tid + it * T;
+    // in the last stage (the only one with several items: its radix is the remainder) j < D/R = NS
     const int base = NS * R == D ? j : (j / NS) * NS * R + (j & (NS - 1));
 #pragma unroll
     for (int i = 0; i < R; ++i) {  // slot i holds the DFT's output bit_reverse(i)
@@ -242,8 +206,7 @@ __device__ __forceinline__ void stage(float2* s, const float* __restrict__ a, co
       if constexpr (DST_GLOBAL) {  // the last stage: base = j, so these stores are coalesced
         c[base + off] = re[it * R + i];
         if (c1 != nullptr) c1[base + off] = im[it * R + i];
-      } else if constexpr (NS == 1 || NS % P == 0 || (P % NS == 0 && NS * R % P == 0)) {
-        // base % P + off % P < P (base % P = j mod NS and off % P <= P - NS, or one of them is 0 mod P)
+      } else if constexpr (NS == 1 || NS % P == 0) {  // base % P == 0 or off % P == 0, or no P crossed
         s[pad<P>(base) + pad<P>(off)] = make_float2(re[it * R + i], im[it * R + i]);
       } else {
         s[pad<P>(base + off)] = make_float2(re[it * R + i], im[it * R + i]);
@@ -253,14 +216,13 @@ __device__ __forceinline__ void stage(float2* s, const float* __restrict__ a, co
   if constexpr (!DST_GLOBAL) __syncthreads();
 }
 
-// The stages from NS on (the first forward one of radix V / first_items, then radix V while V divides what is
-// left, then the remainder); SYNC as `stage`'s, for the first
+// The stages from NS on (radix V while V divides what is left, then the remainder); SYNC as `stage`'s, for the first
 template <int D, int V, int NS, bool INV, bool SYNC>
 __device__ __forceinline__ void stages(float2* s, const float* a, const float* b, float* c, float* c1,
                                        const float2* tw, int tid) {
   if constexpr (NS < D) {
+    constexpr int R = (D / NS) >= V ? V : D / NS;
     constexpr bool first = !INV && NS == 1;
-    constexpr int R = first ? V / first_items<D, V> : (D / NS) >= V ? V : D / NS;
     constexpr bool last = INV && NS * R == D;
     stage<D, V, NS, R, INV, first, last, SYNC && first>(s, a, b, c, c1, tw, tid);
     stages<D, V, NS * R, INV, false>(s, a, b, c, c1, tw, tid);

@@ -144,9 +144,7 @@ def _twiddles(dim: int, device: torch.device) -> Tensor:
 
 def _launch(x: Tensor, y: Tensor, conj_x: bool, values: int = 0) -> Tensor:
     """irfft(op(rfft(x))·rfft(y)) over the last dimension, op = conj when `conj_x`; `values` picks the build."""
-    # contiguous, and 16-byte aligned for the first stage's vector loads (a slice can start mid-vector: copied)
-    x, y = (t.contiguous() if t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
-            for t in (x, y))
+    x, y = x.contiguous(), y.contiguous()
     out = torch.empty_like(x)
     rows, dim = x.numel() // x.shape[-1], x.shape[-1]
     if rows == 0:

@@ -11,9 +11,6 @@
 struct float2 {
   float x, y;
 };
-struct float4 {
-  float x, y, z, w;
-};
 
 namespace {
 struct Index {
