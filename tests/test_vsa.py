@@ -331,6 +331,18 @@ def test_fused_bind_kernel_compiled_for_the_cpu_matches_reference(dim: int, valu
     assert_equivalent(ref.unbind, lambda c, key: hrr_bind.fused_bind(key, c, True), (b, a), dtype=torch.float32)
 
 
+def test_fused_bind_kernel_values_per_thread_per_dimension() -> None:
+    """The default build's values per thread (read from the kernel source's build: 16, 32 at D = 8192, 0 for a D
+    it does not take), and a clear error for a build the source has no plan for."""
+    from optimized.kernels import hrr_bind
+
+    if hrr_bind.emulator_unavailable_reason():
+        pytest.skip(hrr_bind.emulator_unavailable_reason())
+    assert [hrr_bind.default_values(dim) for dim in (*hrr_bind.SUPPORTED_DIMS, 16384)] == [16, 16, 16, 16, 32, 0]
+    with pytest.raises(ValueError, match="values per thread must be 4, 8, 16 or 32"):
+        hrr_bind._emulator(12)
+
+
 @pytest.mark.gpu
 def test_bind_sweep_benchmark_on_cuda_times_every_build_against_torch_fft() -> None:
     from training.benchmarks import BenchArgs, discover
