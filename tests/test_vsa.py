@@ -320,7 +320,8 @@ def test_fused_bind_kernel_compiled_for_the_cpu_matches_reference(dim: int, valu
     """The CUDA kernel's source run on the CPU (`hrr_bind_emulate.cpp`: a std::thread per CUDA thread, a barrier per
     __syncthreads): bind and unbind, outputs and gradients (which run the kernel again) against the float64
     reference, at every D the GPU dispatch takes with the default build (0: 16 values per thread, 32 at 8192), and
-    builds with 4, 8 and 32 values per thread that `--op bind_sweep` times; 3 rows, so the last block has one."""
+    builds with 8 and 32 values per thread (which `--op bind_sweep` times) and 4 (which the source still takes);
+    3 rows, so the last block has one."""
     from optimized.kernels import hrr_bind
 
     if hrr_bind.emulator_unavailable_reason():
