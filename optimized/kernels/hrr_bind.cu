@@ -250,16 +250,46 @@ __device__ __forceinline__ void for_each_pair(int tid, Fn fn) {
   if (tid == 0) fn(D / 2, pad<P>(D / 2), pad<P>(D / 2));
 }
 
+// Whether a block prefetches, into L2, the two rows of the block `ahead` places after it (hrr_bind_pair_kernel):
+// at D = 8192, where a block's loads of a and b otherwise wait on DRAM with only two blocks on an SM to hide it
+// (0.387 against 0.403 ms on an H200; slower at 1024, no gain at 4096: specs/vsa.md). HRR_PREFETCH (0 or 1) sets
+// it for every D.
+#ifdef HRR_PREFETCH
+template <int D>
+constexpr bool prefetches = HRR_PREFETCH != 0;
+#else
+template <int D>
+constexpr bool prefetches = D >= 8192;
+#endif
+
+// rows [row, row + n) of a and b, clipped to `rows`, into L2 by one bulk prefetch each (sm_90's TMA unit; a no-op
+// before sm_90 and in the emulator); called by one thread
+template <int D>
+__device__ __forceinline__ void prefetch_rows(const float* a, const float* b, long long row, long long n,
+                                              long long rows) {
+#if !defined(HRR_EMULATE) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (row < rows) {
+    const unsigned bytes = static_cast<unsigned>((row + n <= rows ? n : rows - row) * D * sizeof(float));
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a + row * D), "r"(bytes) : "memory");
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(b + row * D), "r"(bytes) : "memory");
+  }
+#else
+  (void)a, (void)b, (void)row, (void)n, (void)rows;
+#endif
+}
+
 // Two rows per block: their spectra products C0, C1 (each Hermitian) are packed as W = C0 + i C1, whose inverse
 // FFT is c0 + i c1 — three FFTs per two rows instead of four. Shared memory: one FFT workspace f (D values) and
 // row 0's 4 C0_k for k <= D/2 in h (D/2 + 1 values; the rest is conj C0_{D-k}), 1.5 D values in all, not 2 D:
-// at D = 8192 two blocks fit an SM. An odd last row goes alone (C1 = 0, no second store).
+// at D = 8192 two blocks fit an SM. An odd last row goes alone (C1 = 0, no second store). `ahead`: the blocks
+// that fit the device at once; where `prefetches`, the block that will follow this one on its SM is about `ahead`
+// blocks on, and its rows go to L2 while this block's inverse FFT runs.
 template <int D, bool CONJ>
 __global__ void __launch_bounds__(D / values_for<D>) hrr_bind_pair_kernel(const float* __restrict__ a,
                                                                           const float* __restrict__ b,
                                                                           float* __restrict__ c,
                                                                           const float2* __restrict__ tw,
-                                                                          long long rows) {
+                                                                          long long rows, long long ahead) {
   constexpr int V = values_for<D>;
   constexpr float scale = 0.25f / D;  // the products' factor 4 and the inverse FFT's 1/D
   HRR_SHARED(smem);
@@ -275,6 +305,7 @@ __global__ void __launch_bounds__(D / values_for<D>) hrr_bind_pair_kernel(const 
   } else {
     __syncthreads();
   }
+  if (prefetches<D> && tid == 0) prefetch_rows<D>(a, b, row0 + 2 * ahead, 2, rows);
   for_each_pair<D, V>(tid, [&](int k, int pk, int pm) {
     const float2 p0 = h[k];  // W_k = C0_k + i C1_k, W_m = conj C0_k + i conj C1_k
     const float2 p1 = two ? spectra_product<CONJ>(f[pk], f[pm]) : make_float2(0.0f, 0.0f);
@@ -286,6 +317,25 @@ __global__ void __launch_bounds__(D / values_for<D>) hrr_bind_pair_kernel(const 
 }
 
 #ifndef HRR_EMULATE
+// The blocks of hrr_bind_pair_kernel<D, CONJ> that fit the current device at once (its SMs times the blocks per
+// SM), found once per device; 0 when the query fails (then no block prefetches: the kernel checks row < rows)
+template <int D, bool CONJ>
+long long resident_blocks(size_t smem) {
+  constexpr int max_devices = 64;
+  static long long resident[max_devices] = {};  // 0: not yet asked
+  int dev = 0, sms = 0, per_sm = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) return 0;
+  if (dev < max_devices && resident[dev] > 0) return resident[dev];
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, hrr_bind_pair_kernel<D, CONJ>, D / values_for<D>,
+                                                    smem) != cudaSuccess) {
+    return 0;
+  }
+  const long long blocks = static_cast<long long>(sms) * per_sm;
+  if (dev < max_devices) resident[dev] = blocks;
+  return blocks;
+}
+
 template <int D, bool CONJ>
 int launch_one(const float* a, const float* b, float* c, long long rows, const void* tw, void* stream) {
   const size_t smem = shared_floats<D> * sizeof(float);
@@ -294,8 +344,10 @@ int launch_one(const float* a, const float* b, float* c, long long rows, const v
                                                  cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return static_cast<int>(err);
   }
+  const long long ahead = prefetches<D> ? resident_blocks<D, CONJ>(smem) : 0;
   hrr_bind_pair_kernel<D, CONJ><<<static_cast<unsigned>((rows + 1) / 2), D / values_for<D>, smem,
-                                  static_cast<cudaStream_t>(stream)>>>(a, b, c, static_cast<const float2*>(tw), rows);
+                                  static_cast<cudaStream_t>(stream)>>>(a, b, c, static_cast<const float2*>(tw), rows,
+                                                                       ahead);
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -50,7 +50,7 @@ void emulate(const float* a, const float* b, float* c, long long rows, const flo
         blockIdx.x = static_cast<unsigned>(block);
         hrr_emulated_barrier = &barrier;
         hrr_emulated_shared = shared.data();
-        hrr_bind_pair_kernel<D, CONJ>(a, b, c, tw, rows);
+        hrr_bind_pair_kernel<D, CONJ>(a, b, c, tw, rows, 0);
       });
     }
     for (auto& thread : pool) thread.join();
