@@ -254,13 +254,11 @@ __device__ __forceinline__ void for_each_pair(int tid, Fn fn) {
 // at D = 8192, where a block's loads of a and b otherwise wait on DRAM with only two blocks on an SM to hide it
 // (0.387 against 0.403 ms on an H200; slower at 1024, no gain at 4096: specs/vsa.md). HRR_PREFETCH (0 or 1) sets
 // it for every D.
-#ifdef HRR_PREFETCH
-template <int D>
-constexpr bool prefetches = HRR_PREFETCH != 0;
-#else
-template <int D>
-constexpr bool prefetches = D >= 8192;
+#ifndef HRR_PREFETCH
+#define HRR_PREFETCH -1  // -1: per D, as below
 #endif
+template <int D>
+constexpr bool prefetches = HRR_PREFETCH < 0 ? D >= 8192 : HRR_PREFETCH != 0;
 
 // rows [row, row + n) of a and b, clipped to `rows`, into L2 by one bulk prefetch each (sm_90's TMA unit; a no-op
 // before sm_90 and in the emulator); called by one thread
