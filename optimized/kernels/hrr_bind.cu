@@ -167,6 +167,10 @@ __device__ __forceinline__ void twiddles(float (&re)[V], float (&im)[V], const f
 // SRC_GLOBAL: the inputs come from a (real part) and b (imaginary part), else from shared memory s; DST_GLOBAL:
 // the outputs' real parts go to c (and their imaginary parts to c1 unless it is null), else to s. SYNC: a
 // barrier after the global loads, before the first store to s (whose last contents others still read).
+template <int D, int V, int NS, int R, bool INV, bool DST_GLOBAL, bool BARRIER>
+__device__ __forceinline__ void stage_body(float (&re)[V], float (&im)[V], float2* s, float* __restrict__ c,
+                                           float* __restrict__ c1, const float2* __restrict__ tw, int tid);
+
 template <int D, int V, int NS, int R, bool INV, bool SRC_GLOBAL, bool DST_GLOBAL, bool SYNC>
 __device__ __forceinline__ void stage(float2* s, const float* __restrict__ a, const float* __restrict__ b,
                                       float* __restrict__ c, float* __restrict__ c1, const float2* __restrict__ tw,
@@ -192,7 +196,18 @@ __device__ __forceinline__ void stage(float2* s, const float* __restrict__ a, co
       }
     }
   }
-  if constexpr (!SRC_GLOBAL || SYNC) __syncthreads();  // every read of s before any write
+  stage_body<D, V, NS, R, INV, DST_GLOBAL, !SRC_GLOBAL || SYNC>(re, im, s, c, c1, tw, tid);
+}
+
+// `stage` from its inputs in registers on: BARRIER first (every read of s before any write), then twiddles, the
+// small DFTs and the stores
+template <int D, int V, int NS, int R, bool INV, bool DST_GLOBAL, bool BARRIER>
+__device__ __forceinline__ void stage_body(float (&re)[V], float (&im)[V], float2* s, float* __restrict__ c,
+                                           float* __restrict__ c1, const float2* __restrict__ tw, int tid) {
+  constexpr int T = D / V;
+  constexpr int ITEMS = V / R;
+  constexpr int P = pad_period<D, V>;
+  if constexpr (BARRIER) __syncthreads();
   if constexpr (NS > 1) twiddles<D, V, NS, R, INV, 0>(re, im, tw, tid);
   small_dfts<V, R, INV, 0>(re, im);
 #pragma unroll
@@ -297,10 +312,21 @@ __global__ void __launch_bounds__(D / values_for<D>) hrr_bind_pair_kernel(const 
   const bool two = row0 + 1 < rows;  // uniform over the block, so the barriers inside the branches are safe
   const int tid = threadIdx.x;
   stages<D, V, 1, false, false>(f, a + row0 * D, b + row0 * D, nullptr, nullptr, tw, tid);
-  for_each_pair<D, V>(tid, [&](int k, int pk, int pm) { h[k] = spectra_product<CONJ>(f[pk], f[pm]); });
-  if (two) {  // row 1's loads, then a barrier (h written, f read), then its FFT in f
-    stages<D, V, 1, false, true>(f, a + (row0 + 1) * D, b + (row0 + 1) * D, nullptr, nullptr, tw, tid);
+  if (two) {  // row 1's first-stage loads are issued before row 0's product pass, whose work hides their latency
+    float re[V], im[V];
+    const float* a1 = a + (row0 + 1) * D + tid;
+    const float* b1 = b + (row0 + 1) * D + tid;
+#pragma unroll
+    for (int r = 0; r < V; ++r) {  // the first stage's inputs: radix V, one item j = tid (D >= V·V)
+      re[r] = __ldg(a1 + r * (D / V));
+      im[r] = __ldg(b1 + r * (D / V));
+    }
+    for_each_pair<D, V>(tid, [&](int k, int pk, int pm) { h[k] = spectra_product<CONJ>(f[pk], f[pm]); });
+    // a barrier (h written, f read), then row 1's FFT in f
+    stage_body<D, V, 1, V, false, false, true>(re, im, f, nullptr, nullptr, tw, tid);
+    stages<D, V, V, false, false>(f, nullptr, nullptr, nullptr, nullptr, tw, tid);
   } else {
+    for_each_pair<D, V>(tid, [&](int k, int pk, int pm) { h[k] = spectra_product<CONJ>(f[pk], f[pm]); });
     __syncthreads();
   }
   if (prefetches<D> && tid == 0) prefetch_rows<D>(a, b, row0 + 2 * ahead, 2, rows);
