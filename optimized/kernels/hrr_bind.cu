@@ -317,7 +317,7 @@ __global__ void __launch_bounds__(D / values_for<D>) hrr_bind_pair_kernel(const 
     const float* a1 = a + (row0 + 1) * D + tid;
     const float* b1 = b + (row0 + 1) * D + tid;
 #pragma unroll
-    for (int r = 0; r < V; ++r) {  // the first stage's inputs: radix V, one item j = tid (D >= V·V)
+    for (int r = 0; r < V; ++r) {  // the first stage's inputs: radix V (V <= D), one item j = tid
       re[r] = __ldg(a1 + r * (D / V));
       im[r] = __ldg(b1 + r * (D / V));
     }
@@ -329,7 +329,7 @@ __global__ void __launch_bounds__(D / values_for<D>) hrr_bind_pair_kernel(const 
     for_each_pair<D, V>(tid, [&](int k, int pk, int pm) { h[k] = spectra_product<CONJ>(f[pk], f[pm]); });
     __syncthreads();
   }
-  if (prefetches<D> && tid == 0) prefetch_rows<D>(a, b, row0 + 2 * ahead, 2, rows);
+  if (prefetches<D> && ahead > 0 && tid == 0) prefetch_rows<D>(a, b, row0 + 2 * ahead, 2, rows);
   for_each_pair<D, V>(tid, [&](int k, int pk, int pm) {
     const float2 p0 = h[k];  // W_k = C0_k + i C1_k, W_m = conj C0_k + i conj C1_k
     const float2 p1 = two ? spectra_product<CONJ>(f[pk], f[pm]) : make_float2(0.0f, 0.0f);
@@ -342,7 +342,8 @@ __global__ void __launch_bounds__(D / values_for<D>) hrr_bind_pair_kernel(const 
 
 #ifndef HRR_EMULATE
 // The blocks of hrr_bind_pair_kernel<D, CONJ> that fit the current device at once (its SMs times the blocks per
-// SM), found once per device; 0 when the query fails (then no block prefetches: the kernel checks row < rows)
+// SM), found once per device; 0 when the query fails (then no block prefetches; the query's error is cleared so
+// that the launch reports its own)
 template <int D, bool CONJ>
 long long resident_blocks(size_t smem) {
   constexpr int max_devices = 64;
@@ -353,6 +354,7 @@ long long resident_blocks(size_t smem) {
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, hrr_bind_pair_kernel<D, CONJ>, D / values_for<D>,
                                                     smem) != cudaSuccess) {
+    (void)cudaGetLastError();
     return 0;
   }
   const long long blocks = static_cast<long long>(sms) * per_sm;
