@@ -312,6 +312,7 @@ __global__ void __launch_bounds__(D / values_for<D>) hrr_bind_pair_kernel(const 
   const bool two = row0 + 1 < rows;  // uniform over the block, so the barriers inside the branches are safe
   const int tid = threadIdx.x;
   stages<D, V, 1, false, false>(f, a + row0 * D, b + row0 * D, nullptr, nullptr, tw, tid);
+  const auto product0 = [&](int k, int pk, int pm) { h[k] = spectra_product<CONJ>(f[pk], f[pm]); };
   if (two) {  // row 1's first-stage loads are issued before row 0's product pass, whose work hides their latency
     float re[V], im[V];
     const float* a1 = a + (row0 + 1) * D + tid;
@@ -321,12 +322,12 @@ __global__ void __launch_bounds__(D / values_for<D>) hrr_bind_pair_kernel(const 
       re[r] = __ldg(a1 + r * (D / V));
       im[r] = __ldg(b1 + r * (D / V));
     }
-    for_each_pair<D, V>(tid, [&](int k, int pk, int pm) { h[k] = spectra_product<CONJ>(f[pk], f[pm]); });
+    for_each_pair<D, V>(tid, product0);
     // a barrier (h written, f read), then row 1's FFT in f
     stage_body<D, V, 1, V, false, false, true>(re, im, f, nullptr, nullptr, tw, tid);
     stages<D, V, V, false, false>(f, nullptr, nullptr, nullptr, nullptr, tw, tid);
   } else {
-    for_each_pair<D, V>(tid, [&](int k, int pk, int pm) { h[k] = spectra_product<CONJ>(f[pk], f[pm]); });
+    for_each_pair<D, V>(tid, product0);
     __syncthreads();
   }
   if (prefetches<D> && ahead > 0 && tid == 0) prefetch_rows<D>(a, b, row0 + 2 * ahead, 2, rows);
